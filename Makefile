@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine (Python 3.11 + package registries, nothing else):
+#   make demo   set everything up, then run the end-to-end demo pipeline
+#   make test   set everything up, then run the whole test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean setup
+
+setup: $(STAMP)
+
+# Re-installs whenever pyproject.toml changes. torch is pinned in pyproject, so nothing
+# here can drift it; symile (the reference implementation tests compare against) is
+# installed without dependencies so it cannot change torch either.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (chorus needs Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "symile==0.1.0"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/chorus demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf .chorus

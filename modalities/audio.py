@@ -1,0 +1,134 @@
+"""Audio: WAV, FLAC, OGG and MP3 via soundfile -> mono, resampled, fixed-length log-mel.
+
+Defaults follow ImageBind/LanguageBind (16 kHz, 128 mel bins, 25 ms window, 10 ms hop).
+``representation="waveform"`` keeps the resampled waveform instead of the spectrogram.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from pydantic import Field
+from torch import nn
+
+from modalities.base import DecodeError, ModalityConfig, Spec
+from modalities.layers import Tower, conv_tower, mlp_head, random_gain, random_roll
+
+
+class Config(ModalityConfig):
+    kind: Literal["audio"] = "audio"
+    sample_rate: int = Field(16_000, ge=1000, description="Target sample rate in Hz.")
+    duration_s: float = Field(1.0, gt=0, description="Clip length; longer audio is cropped.")
+    representation: Literal["log_mel", "waveform"] = Field(
+        "log_mel", description="Store a log-mel spectrogram (float16) or the waveform."
+    )
+    n_mels: int = Field(128, ge=8, description="Mel bins.")
+    window_ms: float = Field(25.0, gt=0, description="STFT window length.")
+    hop_ms: float = Field(10.0, gt=0, description="STFT hop length.")
+    encoder: Literal["cnn"] = Field("cnn", description="Encoder tower architecture.")
+    width: int = Field(32, ge=4, description="Channels of the first conv stage.")
+    augment: bool = Field(
+        True, description="Training-time time shifts, gain and noise (fights memorising)."
+    )
+
+    @property
+    def num_samples(self) -> int:
+        return round(self.sample_rate * self.duration_s)
+
+    @property
+    def hop_length(self) -> int:
+        return round(self.sample_rate * self.hop_ms / 1000)
+
+    @property
+    def num_frames(self) -> int:
+        return self.num_samples // self.hop_length + 1
+
+
+def output_spec(cfg: Config) -> Spec:
+    if cfg.representation == "waveform":
+        return {"": (np.dtype(np.float32), (cfg.num_samples,))}
+    return {"": (np.dtype(np.float16), (cfg.n_mels, cfg.num_frames))}
+
+
+class Processor:
+    def __init__(self, cfg: Config, assets: dict[str, str] | None = None):
+        self.cfg = cfg
+        window = round(cfg.sample_rate * cfg.window_ms / 1000)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate,
+            n_fft=window,
+            win_length=window,
+            hop_length=cfg.hop_length,
+            n_mels=cfg.n_mels,
+        )
+
+    def decode(self, data: bytes) -> np.ndarray:
+        if not data:
+            raise DecodeError("empty_file", "zero bytes")
+        try:
+            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except soundfile.LibsndfileError as exc:
+            kind = "unsupported_format" if "unknown format" in str(exc).lower() else "corrupt"
+            raise DecodeError(kind, str(exc)) from exc
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise DecodeError("corrupt", str(exc)) from exc
+        if samples.shape[0] == 0:
+            raise DecodeError("corrupt", "no audio frames")
+        if not np.isfinite(samples).all():
+            raise DecodeError("non_finite", "NaN or Inf samples")
+        mono = torch.from_numpy(samples.mean(axis=1))
+        if rate != self.cfg.sample_rate:
+            mono = torchaudio.functional.resample(mono, rate, self.cfg.sample_rate)
+        clip = torch.zeros(self.cfg.num_samples)
+        n = min(len(mono), self.cfg.num_samples)
+        clip[:n] = mono[:n]
+        return clip.numpy()
+
+    def preprocess(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
+        waves = torch.from_numpy(np.stack(items))
+        if self.cfg.representation == "waveform":
+            return {"": waves.numpy()}
+        with torch.no_grad():
+            log_mel = torch.log(self.mel(waves) + 1e-6)
+        return {"": log_mel.to(torch.float16).numpy()}
+
+
+def fit_assets(cfg: Config, samples: list[str]) -> dict[str, str]:
+    return {}
+
+
+class _Prepare(nn.Module):
+    def __init__(self, waveform: bool, augment: bool):
+        super().__init__()
+        self.waveform, self.augment = waveform, augment
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = inputs[""].float().unsqueeze(1)  # (B, 1, n_mels, frames) or (B, 1, samples)
+        if self.training and self.augment:
+            x = random_roll(x, x.shape[-1] // 4, dim=-1)  # time only: pitch carries meaning
+            if self.waveform:
+                x = random_gain(x, 0.5, 1.5) + 0.01 * torch.randn_like(x)
+            else:  # a gain is an offset in the log domain
+                x = x + torch.empty(x.shape[0], 1, 1, 1, device=x.device).uniform_(-1, 1)
+                x = x + 0.1 * torch.randn_like(x)
+        return x
+
+
+def build_encoder(cfg: Config, embed_dim: int) -> nn.Module:
+    waveform = cfg.representation == "waveform"
+    body = nn.Sequential(
+        nn.BatchNorm1d(1) if waveform else nn.BatchNorm2d(1),
+        conv_tower(1 if waveform else 2, 1, cfg.width, depth=5 if waveform else 3),
+    )
+    width = cfg.width * (16 if waveform else 4)
+    return Tower(_Prepare(waveform, cfg.augment), body, mlp_head(width, embed_dim))
+
+
+def dummy_batch(cfg: Config, n: int) -> dict[str, np.ndarray]:
+    dtype, shape = output_spec(cfg)[""]
+    return {"": np.random.default_rng(0).standard_normal((n, *shape)).astype(dtype)}

@@ -1,0 +1,88 @@
+"""The small protocol every modality implements, and the typed decode error.
+
+A modality module (``modalities/<kind>.py``) provides:
+
+- ``Config``: a pydantic model with ``kind: Literal["<kind>"]`` and documented fields;
+- ``output_spec(cfg) -> {suffix: (dtype, shape)}``: the preprocessed columns (suffix ``""``
+  is the column itself, others become ``<column>__<suffix>``);
+- ``Processor(cfg, assets)``: loads heavy state once; ``decode(bytes) -> native`` raises
+  :class:`DecodeError`; ``preprocess(list[native]) -> {suffix: array}`` is pure and batched;
+- ``fit_assets(cfg, samples) -> {name: str}``: dataset-level assets (e.g. a tokenizer) or ``{}``;
+- ``build_encoder(cfg, embed_dim) -> nn.Module`` mapping ``{suffix: Tensor}`` to ``(B, D)``;
+- ``dummy_batch(cfg, n) -> {suffix: array}`` for tests.
+
+Modalities import neither Ray nor Prefect: everything here is testable in plain Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+ERROR_KINDS = (
+    "missing_file",  # the URI points at nothing
+    "empty_file",  # zero bytes
+    "unsupported_format",  # bytes are not a format this modality reads
+    "corrupt",  # the format is recognised but the content is broken or truncated
+    "too_large",  # e.g. an image above the pixel limit (decompression bomb)
+    "invalid_utf8",
+    "empty_text",
+    "bad_shape",  # e.g. a series with the wrong number of channels
+    "non_finite",  # NaN/Inf where the policy rejects them
+    "uri_not_allowed",  # escapes the manifest root / allowed buckets
+    "read_error",  # I/O failure while fetching bytes
+)
+
+
+class DecodeError(Exception):
+    """A record's value cannot be used; ``kind`` is one of :data:`ERROR_KINDS`."""
+
+    def __init__(self, kind: str, message: str):
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class ModalityConfig(BaseModel):
+    """Base of every modality config: strict (unknown fields are errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+
+
+Spec = dict[str, tuple[np.dtype, tuple[int, ...]]]
+
+
+class Processor(Protocol):
+    def decode(self, data: bytes) -> Any: ...
+
+    def preprocess(self, items: list[Any]) -> dict[str, np.ndarray]: ...
+
+
+class Modality(Protocol):
+    """What ``modalities.registry`` holds for each kind (a module satisfies it)."""
+
+    Config: type[ModalityConfig]
+    Processor: type
+
+    def output_spec(self, cfg: Any) -> Spec: ...
+
+    def fit_assets(self, cfg: Any, samples: list[str]) -> dict[str, str]: ...
+
+    def build_encoder(self, cfg: Any, embed_dim: int) -> Any: ...
+
+    def dummy_batch(self, cfg: Any, n: int) -> dict[str, np.ndarray]: ...
+
+
+def column_name(column: str, suffix: str) -> str:
+    """The dataset column holding ``suffix`` of modality column ``column``."""
+    return column if not suffix else f"{column}__{suffix}"
+
+
+def placeholder(spec: Spec, n: int) -> dict[str, np.ndarray]:
+    """Zero-filled values for ``n`` rows where the modality is missing."""
+    return {s: np.zeros((n, *shape), dtype=dtype) for s, (dtype, shape) in spec.items()}

@@ -1,0 +1,218 @@
+"""The ``chorus`` command line. Heavy modules are imported inside commands so --help is fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_DATA_DIR = ".chorus/demo-data"
+
+
+def _config_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("configuration")
+    group.add_argument("--preset", default="demo", help="named preset to start from (demo, debug)")
+    group.add_argument("--config", metavar="FILE", help="YAML file merged over the preset")
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set train.epochs=5 (repeatable)",
+    )
+    group.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
+    parent.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    return parent
+
+
+def _load_config(args: argparse.Namespace):
+    from pipelines.config import load
+
+    overrides = list(args.overrides)
+    if args.store:
+        overrides.append(f"store={args.store}")
+    return load(args.preset, args.config, overrides)
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines import demo_data, report
+    from pipelines.config import to_dict
+    from pipelines.runtime import configure_prefect_defaults
+
+    cfg = _load_config(args)
+    configure_prefect_defaults()
+    folder = Path(DEMO_DATA_DIR, f"size{cfg.demo.size}-seed{cfg.demo.seed}")
+    manifest = folder / "manifest.csv"
+    if not manifest.exists():
+        print(f"generating {cfg.demo.size} demo records in {folder}", file=sys.stderr)
+        demo_data.generate(folder, size=cfg.demo.size, seed=cfg.demo.seed, progress=True)
+    from pipelines.flows import end_to_end
+
+    summary = end_to_end(str(manifest.resolve()), to_dict(cfg))
+    _emit(args, summary["table"] if args.json else summary, report.render(summary))
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from pipelines import demo_data
+
+    manifest = demo_data.generate(args.dir, size=args.size, seed=args.seed, progress=True)
+    _emit(args, {"manifest": str(manifest)}, f"wrote {args.size} records: {manifest}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import ingest
+
+    cfg = _load_config(args)
+    manifest = ingest(args.manifest, cfg, progress=not args.json)
+    s = manifest["summary"]
+    text = (
+        f"dataset {manifest['id']}{' (reused)' if s['reused'] else ''}: {s['rows_in']} rows in, "
+        f"{s['rows_written']} written, {s['quarantined']} quarantined "
+        f"{manifest['quarantine']['by_kind']}, splits {manifest['splits']}"
+        + (f", {s['records_per_s']} records/s" if "records_per_s" in s else "")
+    )
+    _emit(args, {"dataset": manifest["id"], **s, "quarantine": manifest["quarantine"]}, text)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train.launch import train
+
+    cfg = _load_config(args)
+    result = train(args.dataset, cfg, args.objective)
+    _emit(args, result, f"run {result['run']}: checkpoint {result['checkpoint']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines import report
+    from pipelines.train.evaluate import evaluate
+
+    cfg = _load_config(args)
+    result = evaluate(args.checkpoint, args.dataset, cfg)
+    _emit(args, result, f"{result['evaluation']}: {report.headline(result)}")
+    return 0
+
+
+def cmd_artefacts(args: argparse.Namespace) -> int:
+    from storage.artefacts import Store
+
+    store = Store.open(args.store)
+    if args.action == "list":
+        records = store.list(args.kind)
+        lines = [f"{r['created_at']}  {r['kind']:<10} {r['id']:<40} {r['uri']}" for r in records]
+        _emit(args, records, "\n".join(lines) or f"no artefacts in {store.root}")
+    elif args.action == "show":
+        print(json.dumps(store.lineage(args.id), indent=2))
+    else:
+        files = store.download(args.id, args.dest)
+        _emit(args, [str(f) for f in files], f"downloaded {len(files)} files to {args.dest}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pipelines.experiments import xor
+
+    return xor.main(args.rest)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipelines.config import to_dict
+
+    print(yaml.safe_dump(to_dict(_load_config(args)), sort_keys=False))
+    return 0
+
+
+def cmd_objectives(args: argparse.Namespace) -> int:
+    from pipelines.train.objectives import names
+
+    print("\n".join(names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chorus",
+        description="Paired images, audio, text and time series -> versioned Arrow datasets "
+        "-> N-modality contrastive embeddings (Symile, CLIP, ...), with lineage.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    conf = _config_options()
+
+    p = sub.add_parser("demo", parents=[conf], help="generate demo data and run end to end")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("demo-data", help="write the synthetic four-modality demo data set")
+    p.add_argument("dir")
+    p.add_argument("--size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("ingest", parents=[conf], help="manifest -> versioned Parquet dataset")
+    p.add_argument("manifest", help="CSV, JSONL or Parquet manifest (path or s3:// URI)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("train", parents=[conf], help="train on an ingested dataset")
+    p.add_argument("dataset", help="dataset id (see `chorus artefacts list`)")
+    p.add_argument("--objective", help="objective name (default: train.objective)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[conf], help="retrieval metrics of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint URI (see `chorus artefacts list --kind run`)")
+    p.add_argument("dataset")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("artefacts", help="list, show or download stored artefacts")
+    p.add_argument("action", choices=["list", "show", "get"])
+    p.add_argument("id", nargs="?", help="artefact id (show, get)")
+    p.add_argument("dest", nargs="?", help="local folder (get)")
+    p.add_argument("--kind", help="only artefacts of this kind (list)")
+    p.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_artefacts)
+
+    p = sub.add_parser("experiment", help="synthetic experiments (xor)")
+    p.add_argument("name", choices=["xor"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the experiment")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("config", parents=[conf], help="print the resolved configuration")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("objectives", help="list the registered objectives")
+    p.set_defaults(func=cmd_objectives)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "artefacts" and args.action in ("show", "get") and not args.id:
+        print(f"error: artefacts {args.action} needs an artefact id", file=sys.stderr)
+        return 2
+    if args.command == "artefacts" and args.action == "get" and not args.dest:
+        print("error: artefacts get needs a destination folder", file=sys.stderr)
+        return 2
+    from pipelines.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The artefact store: one root (local folder or ``s3://`` prefix) with a fixed layout.
+
+    <root>/datasets/<dataset-id>/{shards/, quarantine/, manifest.json}
+    <root>/runs/<run-name>/...           Ray Train checkpoints + metrics
+    <root>/evaluations/<eval-id>/metrics.json
+    <root>/reports/<report-id>/{summary.json, report.md}   one end-to-end run
+    <root>/lineage/<kind>/<artefact-id>.json
+
+Every artefact gets a lineage record; listing the store means listing lineage records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage import fs, uris
+from storage.lineage import LineageRecord
+
+DEFAULT_STORE = ".chorus/store"
+KINDS = ("dataset", "run", "evaluation", "report")
+
+
+def default_store_uri() -> str:
+    return os.environ.get("CHORUS_STORE") or DEFAULT_STORE
+
+
+@dataclass(frozen=True)
+class Store:
+    root: str
+
+    @classmethod
+    def open(cls, uri: str | None = None) -> Store:
+        root = uris.normalise(uri or default_store_uri())
+        fs.ensure_dir(root)
+        return cls(root)
+
+    def uri(self, *parts: str) -> str:
+        return uris.join(self.root, *parts)
+
+    def dataset_uri(self, dataset_id: str) -> str:
+        return self.uri("datasets", dataset_id)
+
+    def run_uri(self, run_name: str) -> str:
+        return self.uri("runs", run_name)
+
+    def evaluation_uri(self, eval_id: str) -> str:
+        return self.uri("evaluations", eval_id)
+
+    def record(self, record: LineageRecord) -> str:
+        """Write ``record`` where ``lineage`` and ``show`` find it; returns its URI."""
+        target = self.uri("lineage", record.kind, f"{record.id}.json")
+        fs.write_json(target, record.to_json())
+        return target
+
+    def lineage(self, artefact_id: str) -> dict[str, Any]:
+        for kind in KINDS:
+            candidate = self.uri("lineage", kind, f"{artefact_id}.json")
+            if fs.exists(candidate):
+                return fs.read_json(candidate)
+        raise KeyError(f"no artefact {artefact_id!r} in {self.root}")
+
+    def list(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Lineage records, newest first, optionally of one kind."""
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"unknown artefact kind {kind!r}; valid: {', '.join(KINDS)}")
+        infos = fs.list_files(self.uri("lineage", kind) if kind else self.uri("lineage"))
+        records = [fs.read_json(fs.to_uri(self.root, i.path)) for i in infos]
+        return sorted(records, key=lambda r: r["created_at"], reverse=True)
+
+    def download(self, artefact_id: str, destination: str | Path) -> list[Path]:
+        """Copy every file of an artefact to a local folder; returns the files written."""
+        source = self.lineage(artefact_id)["uri"]
+        written = []
+        for info in fs.list_files(source):
+            relative = info.path[len(fs.filesystem(source)[1]) :].lstrip("/")
+            target = Path(destination, relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(fs.read_bytes(fs.to_uri(source, info.path)))
+            written.append(target)
+        return written

@@ -1,0 +1,102 @@
+"""Session-wide real components: one moto S3 server, one Ray session, one Prefect harness."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from pipelines.runtime import configure_prefect_defaults
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3-protocol HTTP server (moto) on 127.0.0.1; AWS_* env points at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_endpoint):
+    """Factory creating a fresh bucket; returns its name."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    counter = iter(range(10_000))
+
+    def make(prefix: str = "chorus") -> str:
+        name = f"{prefix}-{next(counter)}"
+        client.create_bucket(Bucket=name)
+        return name
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the whole run (started after the S3 env so workers inherit it)."""
+    import ray
+
+    from pipelines.runtime import ensure_ray
+
+    ensure_ray(num_cpus=2, object_store_memory=512 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One ephemeral Prefect API for the session (harnesses must not nest)."""
+    configure_prefect_defaults(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(tmp_path_factory) -> Path:
+    from pipelines import demo_data
+
+    return demo_data.generate(tmp_path_factory.mktemp("demo"), size=160, seed=3)
+
+
+@pytest.fixture
+def debug_config(tmp_path):
+    """Factory: the debug preset with a fresh store and extra ``key=value`` overrides."""
+    from pipelines.config import load
+
+    def make(*overrides: str, store: str | None = None):
+        return load("debug", None, [f"store={store or tmp_path / 'store'}", *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ingested(ray_session, demo_manifest, tmp_path_factory):
+    """The demo manifest ingested once into a session store: (config, dataset manifest)."""
+    from pipelines.config import load
+    from pipelines.ingest import ingest
+
+    cfg = load("debug", None, [f"store={tmp_path_factory.mktemp('store')}"])
+    return cfg, ingest(str(demo_manifest), cfg, progress=False)
