@@ -16,6 +16,11 @@ identical seeded inputs and reports:
   time the reference algorithm (M anchors, forward + 2x backward) needs at matmul speed.
 
 The n_squared reference at M = 4, N = 128 needs ~21 GB and is skipped.
+
+On a CPU shared with other jobs, OpenMP's default spin-then-wait barriers stall every
+parallel op whenever a worker thread is descheduled; the blocked n_squared kernel runs
+thousands of such ops, so use ``--threads 1`` or ``--passive`` (OMP_WAIT_POLICY=PASSIVE)
+there. Both implementations always run under the same settings.
 """
 
 from __future__ import annotations
@@ -133,9 +138,11 @@ def run_case(spec: dict) -> dict:
     return out
 
 
-def _spawn(spec: dict, timeout: int) -> dict:
+def _spawn(spec: dict, timeout: int, passive: bool) -> dict:
     cmd = [sys.executable, __file__, "--case", json.dumps(spec)]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
+    if passive:  # must be set before the OpenMP runtime starts, hence per subprocess
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated objectives, e.g. symile_n,clip")
     p.add_argument("--nsq", help="n_squared sizes as M:N pairs, e.g. 3:256,4:96")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
+    p.add_argument("--passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE in cases")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case:
@@ -230,10 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         if spec["impl"] == "reference" and key in REFERENCE_SKIP:
             results.append(spec | {"error": REFERENCE_SKIP[key]})
             continue
-        results.append(_spawn(spec, args.timeout))
+        results.append(_spawn(spec, args.timeout, args.passive))
         print(f"# {json.dumps(results[-1])}", file=sys.stderr, flush=True)
     rows = compare(results)
     meta = {"threads": args.threads, "dim": DIM, "torch": torch.__version__, "cpus": os.cpu_count()}
+    meta["omp_wait_policy"] = "PASSIVE" if args.passive else os.environ.get("OMP_WAIT_POLICY")
     if args.json:
         print(json.dumps({"meta": meta, "comparison": rows, "cases": results}, indent=2))
     else:

@@ -73,7 +73,8 @@ class Processor:
         try:
             samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except soundfile.LibsndfileError as exc:
-            kind = "unsupported_format" if "unknown format" in str(exc).lower() else "corrupt"
+            unknown = "format not recognised" in str(exc).lower()
+            kind = "unsupported_format" if unknown else "corrupt"
             raise DecodeError(kind, str(exc)) from exc
         except (RuntimeError, ValueError, TypeError) as exc:
             raise DecodeError("corrupt", str(exc)) from exc

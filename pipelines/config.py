@@ -77,6 +77,9 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in-process).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker requests.")
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    checkpoint_every: int = Field(
+        5, ge=1, description="Epochs between checkpoints (the last epoch always saves)."
+    )
     cache_dataset: bool = Field(
         True, description="Materialise the training split in Ray's object store once per run."
     )
@@ -118,27 +121,36 @@ class ChorusConfig(_Section):
         unknown = set(self.evaluate.query or []) - columns
         if unknown:
             _fail("evaluate.query", f"{sorted(unknown)} are not data columns")
-        for name in [self.train.objective, *self.demo.objectives]:
+        checks = {"train.objective": (self.train.objective, self.train.objective_options)}
+        checks |= {f"demo.objectives.{n}": (n, o) for n, o in self.demo.objectives.items()}
+        for field, (name, options) in checks.items():
             try:
-                get_objective(
-                    name, **(self.train.objective_options if name == self.train.objective else {})
-                )
+                get_objective(name, **options)
             except (TypeError, ValueError) as exc:
-                _fail("train.objective", str(exc))
+                _fail(field, str(exc))
 
 
 def _fail(field: str, message: str) -> None:
     raise ConfigError(f"invalid config: {field}: {message}")
 
 
+def _field_name(loc: tuple) -> str:
+    """Dotted field path, without the modality ``kind`` tag pydantic adds for unions."""
+    parts = [str(p) for p in loc]
+    if (
+        parts[:2] == ["data", "columns"]
+        and len(parts) > 4
+        and parts[3] in modality_registry.names()
+    ):
+        del parts[3]
+    return ".".join(parts) or "(root)"
+
+
 def build(raw: dict[str, Any]) -> ChorusConfig:
     try:
         return ChorusConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in exc.errors()
-        ]
+        lines = [f"  {_field_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 

@@ -155,7 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 waited, window = 0.0, time.perf_counter()
             tick = time.perf_counter()
         state["epoch"] += 1
-        _checkpoint(model, optimizer, scheduler, state, config, history, rank)
+        if state["epoch"] % train["checkpoint_every"] == 0 or state["epoch"] == train["epochs"]:
+            _checkpoint(model, optimizer, scheduler, state, config, history, rank)
 
 
 def _metrics(state, terms, optimizer, step_s, waited, train, world) -> dict[str, Any]:

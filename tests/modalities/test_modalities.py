@@ -62,8 +62,16 @@ def _png(mode: str, size=(40, 24), fmt="PNG", **save) -> bytes:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("RGB", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
-     ("RGB", "WEBP"), ("RGB", "BMP"), ("P", "GIF")],
+    [
+        ("RGB", "PNG"),
+        ("L", "PNG"),
+        ("LA", "PNG"),
+        ("RGBA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("P", "GIF"),
+    ],
 )
 def test_image_decodes_any_mode_to_rgb_square(mode, fmt):
     processor, cfg = _processor("image")
@@ -112,8 +120,12 @@ def _wav(samples: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WA
 
 @pytest.mark.parametrize(
     ("channels", "rate", "subtype", "fmt"),
-    [(1, 16000, "PCM_16", "WAV"), (2, 44100, "PCM_U8", "WAV"), (1, 22050, "PCM_24", "FLAC"),
-     (2, 8000, "VORBIS", "OGG")],
+    [
+        (1, 16000, "PCM_16", "WAV"),
+        (2, 44100, "PCM_U8", "WAV"),
+        (1, 22050, "PCM_24", "FLAC"),
+        (2, 8000, "VORBIS", "OGG"),
+    ],
 )
 def test_audio_decodes_resamples_and_mel(channels, rate, subtype, fmt):
     t = np.arange(int(rate * 0.4)) / rate

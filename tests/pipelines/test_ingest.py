@@ -1,0 +1,134 @@
+"""The Ray Data ingest job on real files: versions, quarantine, reuse, S3 end to end."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.dataset import DatasetVersion
+from pipelines.ingest import ManifestError, ingest
+from storage import fs
+from storage.artefacts import Store
+
+
+def _rows(manifest: Path) -> list[dict]:
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write(manifest: Path, rows: list[dict]) -> Path:
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def test_ingest_writes_shards_manifest_and_lineage(ingested):
+    cfg, manifest = ingested
+    assert manifest["summary"]["rows_in"] == manifest["rows"] == 160
+    assert manifest["quarantine"]["rows"] == 0
+    assert sum(manifest["splits"].values()) == 160
+    assert manifest["presence"] == {name: 160 for name in cfg.data.columns}
+    assert manifest["columns"]["text"]["vocab_size"] > 3
+    store = Store.open(cfg.store)
+    for shard in manifest["shards"]:
+        assert fs.exists(f"{store.dataset_uri(manifest['id'])}/{shard['path']}")
+    lineage = store.lineage(manifest["id"])
+    assert lineage["kind"] == "dataset" and lineage["inputs"][0]["sha256"]
+
+
+def test_ingested_rows_match_a_direct_decode(ingested, demo_manifest):
+    from modalities import image
+
+    cfg, manifest = ingested
+    data = DatasetVersion.open(Store.open(cfg.store), manifest["id"]).to_numpy(
+        "train", ["image", "text__input_ids", "label"]
+    )
+    processor = image.Processor(cfg.data.columns["image"])
+    row = _rows(demo_manifest)[0] if _rows(demo_manifest)[0]["split"] == "train" else None
+    rows = {r["id"]: r for r in _rows(demo_manifest)}
+    for index in range(3):
+        source = rows[data["id"][index]]
+        expected = processor.decode((demo_manifest.parent / source["image"]).read_bytes())
+        np.testing.assert_array_equal(data["image"][index], expected)
+        assert int(data["label"][index]) == int(source["label"])
+    assert row is None or row["id"] in rows
+
+
+def test_reingest_reuses_the_version(ingested, demo_manifest):
+    cfg, manifest = ingested
+    again = ingest(str(demo_manifest), cfg, progress=False)
+    assert again["id"] == manifest["id"] and again["summary"]["reused"] is True
+
+
+def test_bad_records_are_quarantined_and_good_rows_kept(
+    ray_session, demo_manifest, tmp_path, debug_config
+):
+    root = tmp_path / "corpus"
+    shutil.copytree(demo_manifest.parent, root)
+    rows = _rows(root / "manifest.csv")[:40]
+    (root / "images" / "zero.png").write_bytes(b"")
+    (root / "images" / "truncated.png").write_bytes((root / rows[1]["image"]).read_bytes()[:50])
+    (root / "audio" / "text.wav").write_bytes(b"this is not audio at all")
+    (root / "series" / "nan.npy").write_bytes((root / rows[3]["timeseries"]).read_bytes())
+    np.save(root / "series" / "nan.npy", np.full((3, 200), np.nan, dtype=np.float32))
+    bad = {
+        rows[0]["id"]: ("image", "images/zero.png", "empty_file"),
+        rows[1]["id"]: ("image", "images/truncated.png", "corrupt"),
+        rows[2]["id"]: ("audio", "audio/text.wav", "unsupported_format"),
+        rows[3]["id"]: ("timeseries", "series/nan.npy", "non_finite"),
+        rows[4]["id"]: ("audio", "audio/missing.wav", "missing_file"),
+        rows[5]["id"]: ("image", "../../etc/passwd", "uri_not_allowed"),
+    }
+    for row in rows:
+        if row["id"] in bad:
+            column, value, _ = bad[row["id"]]
+            row[column] = value
+    rows[6]["audio"] = ""  # a missing modality: kept, flagged absent
+    cfg = debug_config()
+    manifest = ingest(str(_write(root / "manifest.csv", rows)), cfg, progress=False)
+    assert manifest["rows"] == 40 - len(bad)
+    assert manifest["presence"]["audio"] == 40 - len(bad) - 1
+    store = Store.open(cfg.store)
+    quarantine = pq.read_table(f"{store.dataset_uri(manifest['id'])}/quarantine").to_pylist()
+    got = {q["id"]: (q["modality"], q["uri"], q["error_kind"]) for q in quarantine}
+    assert got == bad
+    assert manifest["quarantine"]["by_kind"] == {kind: 1 for _, _, kind in bad.values()}
+
+
+def test_manifest_problems_fail_before_any_work(demo_manifest, tmp_path, debug_config):
+    rows = _rows(demo_manifest)[:5]
+    rows[3]["id"] = rows[1]["id"]
+    duplicated = _write(tmp_path / "dup.csv", rows)
+    with pytest.raises(ManifestError, match=f"duplicate id.*{rows[1]['id']}"):
+        ingest(str(duplicated), debug_config(), progress=False)
+    missing_column = _write(tmp_path / "nocol.csv", [{"id": "a", "image": "x.png"}])
+    with pytest.raises(ManifestError, match="lacks column"):
+        ingest(str(missing_column), debug_config(), progress=False)
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        ingest(str(tmp_path / "absent.csv"), debug_config(), progress=False)
+
+
+def test_ingest_from_s3_to_an_s3_store(ray_session, demo_manifest, s3_bucket, debug_config):
+    import boto3
+
+    bucket = s3_bucket("raw")
+    client = boto3.client("s3")
+    rows = _rows(demo_manifest)[:24]
+    for row in rows:
+        for column in ("image", "audio", "timeseries"):
+            client.upload_file(str(demo_manifest.parent / row[column]), bucket, f"m/{row[column]}")
+    local = _write(demo_manifest.parent.parent / "s3-manifest.csv", rows)
+    client.upload_file(str(local), bucket, "m/manifest.csv")
+    store = f"s3://{s3_bucket('store')}/chorus"
+    manifest = ingest(f"s3://{bucket}/m/manifest.csv", debug_config(store=store), progress=False)
+    assert manifest["rows"] == 24 and manifest["quarantine"]["rows"] == 0
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=store[5:].split("/")[0])["Contents"]]
+    assert any(k.endswith("manifest.json") for k in keys)
+    assert sum(k.endswith(".parquet") and "/shards/" in k for k in keys) == len(manifest["shards"])

@@ -1,0 +1,104 @@
+"""Model, training loop on real Ray Train, and evaluation metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.train.evaluate import evaluate, ranks_of_positives, retrieval_metrics
+from pipelines.train.launch import train
+from pipelines.train.loop import METRICS_FILE, build_model, load_checkpoint_dir
+
+COLUMNS = {
+    "image": {"kind": "image", "size": 16},
+    "text": {"kind": "text", "tokenizer": "byte", "max_length": 6, "vocab_size": 300},
+}
+
+
+def _model(**changes):
+    config = {
+        "columns": COLUMNS,
+        "model": {"embed_dim": 8, "normalize": "l2"},
+        "objective": "clip",
+        "objective_options": {},
+    } | changes
+    return build_model(config)
+
+
+def _batch(n: int = 4) -> dict[str, torch.Tensor]:
+    from modalities import registry
+
+    batch = {}
+    for name, spec in COLUMNS.items():
+        module = registry.get(spec["kind"])
+        for suffix, array in module.dummy_batch(module.Config.model_validate(spec), n).items():
+            if array.dtype.kind != "O":
+                batch[name if not suffix else f"{name}__{suffix}"] = torch.as_tensor(array)
+        batch[f"{name}_present"] = torch.ones(n, dtype=torch.bool)
+    return batch
+
+
+def test_model_outputs_unit_features_and_uses_missing_embedding():
+    model = _model().eval()
+    batch = _batch()
+    batch["text_present"][1] = False
+    out = model(batch)
+    assert set(out["features"]) == {"image", "text"}
+    norms = out["features"]["image"].norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones(4))
+    missing = torch.nn.functional.normalize(model.missing["text"], dim=-1)
+    torch.testing.assert_close(out["features"]["text"][1], missing)
+    assert not torch.allclose(out["features"]["text"][0], missing)
+    assert {"logit_scale", "logit_bias"} <= model.no_decay_parameters()
+
+
+def test_siglip_model_gets_a_bias():
+    assert _model(objective="siglip").logit_bias is not None
+    assert _model().logit_bias is None
+
+
+def test_ranks_break_ties_by_candidate_index():
+    scores = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
+    assert list(ranks_of_positives(scores)) == [1, 2, 2]
+
+
+def test_retrieval_metrics_on_a_hand_built_matrix():
+    scores = np.array(
+        [[0.9, 0.1, 0.0, 0.0], [0.8, 0.5, 0.1, 0.0], [0.0, 0.0, 0.1, 0.7], [0.1, 0.2, 0.3, 0.4]]
+    )
+    labels = np.array([0, 0, 1, 1])
+    m = retrieval_metrics(scores, labels)
+    # ranks of the positives: 1, 2, 2, 1
+    assert m["R@1"] == 0.5 and m["R@5"] == 1.0
+    assert m["mrr"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
+    assert m["mean_rank"] == 1.5 and m["median_rank"] == 1.5
+    # top-1 candidates: 0, 0, 3, 3 -> labels 0, 0, 1, 1: all right
+    assert m["class_accuracy"] == 1.0 and m["class_chance"] == 0.5
+
+
+@pytest.mark.slow
+def test_train_on_ray_train_then_resume_and_evaluate(ingested):
+    cfg, manifest = ingested
+    result = train(manifest["id"], cfg)
+    checkpoint = Path(result["checkpoint"])
+    history = [json.loads(line) for line in (checkpoint / METRICS_FILE).read_text().splitlines()]
+    assert history and all(np.isfinite(h["loss"]) for h in history)
+    assert result["metrics"]["epoch"] == cfg.train.epochs
+    model, config = load_checkpoint_dir(checkpoint)
+    assert config["dataset_id"] == manifest["id"] and config["objective"] == "symile"
+
+    # Same run name: Ray Train resumes from the latest checkpoint, which is already final.
+    again = train(manifest["id"], cfg)
+    assert again["run"] == result["run"] and again["metrics"]["step"] == result["metrics"]["step"]
+
+    evaluation = evaluate(result["checkpoint"], manifest["id"], cfg)
+    assert evaluation["rows"] == manifest["splits"]["test"]
+    assert 0.0 <= evaluation["class_accuracy"] <= 1.0 and evaluation["query"] == [
+        "audio",
+        "text",
+        "timeseries",
+    ]
