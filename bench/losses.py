@@ -5,8 +5,9 @@
 Every case (objective x implementation x M x N, d = 256) runs in its own subprocess on
 identical seeded inputs and reports:
 
-* ``time_s``: forward + backward wall time; the median of ``--repeats`` runs after the
-  first one, or the first run alone when it took longer than 5 s;
+* ``time_s``: forward + backward wall time; the minimum of ``--repeats`` runs after the
+  first one (the least disturbed by other jobs on a shared CPU), or the first run alone
+  when it took longer than 5 s;
 * ``peak_mb``: peak resident memory of the first forward + backward above the resident size
   just before it. The peak is reset with ``/proc/self/clear_refs`` (``5``) so imports and
   input construction do not count; on kernels without it, the ``ru_maxrss`` delta is used;
@@ -30,7 +31,6 @@ import json
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -115,7 +115,7 @@ def _step(fn, leaves) -> tuple[float, float]:
     elapsed = time.perf_counter() - t
     for leaf in leaves:
         leaf.grad = None
-    return elapsed, float(loss)
+    return elapsed, float(loss.detach())
 
 
 def run_case(spec: dict) -> dict:
@@ -134,7 +134,7 @@ def run_case(spec: dict) -> dict:
     out["peak_mb"] = round(max(0, peak - before) / 1024, 1)
     out["memory_method"] = "clear_refs+VmHWM" if exact else "ru_maxrss delta"
     times = [first] if first > SLOW_S else [_step(fn, leaves)[0] for _ in range(spec["repeats"])]
-    out["time_s"] = statistics.median(times)
+    out["time_s"] = min(times)
     return out
 
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per fast case")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per fast case")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--no-reference", action="store_true", help="skip the symile package")
     p.add_argument("--only", help="comma-separated objectives, e.g. symile_n,clip")

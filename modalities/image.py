@@ -62,7 +62,9 @@ class Processor:
                 image.load()
         except DecodeError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise DecodeError("too_large", str(exc)) from exc
+        except UnidentifiedImageError as exc:
             raise DecodeError("unsupported_format", str(exc)) from exc
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
             raise DecodeError("corrupt", str(exc)) from exc

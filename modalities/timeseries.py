@@ -1,42 +1,56 @@
 """Time series: CSV, NPY or Parquet shaped (channels, samples) -> float32 (C, L).
 
-Series are linearly resampled to ``length`` samples and z-scored per channel. CSV and
-Parquet files hold one column per channel (rows are samples); NPY arrays are (C, T).
-``nan_policy`` rejects non-finite values or interpolates over them.
+Series are linearly resampled to ``length`` samples and normalised per channel (z-score, or
+min-max to [-1, 1] as for ECG in Symile-MIMIC). CSV and Parquet files hold one column per
+channel (rows are samples); NPY arrays are (C, T). ``nan_policy`` rejects non-finite values
+or interpolates over them. ``preset`` fills sensible defaults for ECG, IMU and PPG.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from modalities.base import DecodeError, ModalityConfig, Spec
 from modalities.layers import Tower, conv_tower, mlp_head, random_gain, random_roll
 
 PRESETS = {
-    "ecg": {"channels": 12, "length": 5000},  # Symile-MIMIC: 12 leads x 5000 samples
-    "imu": {"channels": 6, "length": 2000},  # ImageBind: accelerometer + gyroscope
+    "ecg": {"channels": 12, "length": 5000, "scaling": "minmax"},  # Symile-MIMIC: 12 leads
+    "imu": {"channels": 6, "length": 2000},  # ImageBind: accelerometer + gyroscope x, y, z
     "ppg": {"channels": 1, "length": 1000},
 }
 
 
 class Config(ModalityConfig):
     kind: Literal["timeseries"] = "timeseries"
+    preset: Literal["ecg", "imu", "ppg"] | None = Field(
+        None, description="Defaults for a known signal; explicit fields still win."
+    )
     channels: int = Field(3, ge=1, description="Number of channels every series must have.")
     length: int = Field(200, ge=2, description="Samples per channel after resampling.")
     nan_policy: Literal["reject", "interpolate"] = Field(
         "reject", description="What to do with NaN/Inf values."
+    )
+    scaling: Literal["zscore", "minmax"] = Field(
+        "zscore", description="Per-channel normalisation: z-score or min-max to [-1, 1]."
     )
     encoder: Literal["cnn"] = Field("cnn", description="Encoder tower architecture.")
     width: int = Field(32, ge=4, description="Channels of the first conv stage.")
     augment: bool = Field(
         True, description="Training-time time shifts, gain and noise (fights memorising)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
 
 
 def output_spec(cfg: Config) -> Spec:
@@ -67,6 +81,14 @@ def _fill_non_finite(series: np.ndarray) -> np.ndarray:
     return out
 
 
+def _normalise(series: np.ndarray, scaling: str) -> np.ndarray:
+    if scaling == "minmax":
+        low, high = series.min(axis=1, keepdims=True), series.max(axis=1, keepdims=True)
+        return 2 * (series - low) / np.maximum(high - low, 1e-6) - 1
+    std = series.std(axis=1, keepdims=True)
+    return (series - series.mean(axis=1, keepdims=True)) / np.maximum(std, 1e-6)
+
+
 class Processor:
     def __init__(self, cfg: Config, assets: dict[str, str] | None = None):
         self.cfg = cfg
@@ -89,9 +111,7 @@ class Processor:
             series = _fill_non_finite(series)
         grid = np.linspace(0, series.shape[1] - 1, self.cfg.length)
         resampled = np.stack([np.interp(grid, np.arange(series.shape[1]), c) for c in series])
-        std = resampled.std(axis=1, keepdims=True)
-        normalised = (resampled - resampled.mean(axis=1, keepdims=True)) / np.maximum(std, 1e-6)
-        return normalised.astype(np.float32)
+        return _normalise(resampled, self.cfg.scaling).astype(np.float32)
 
     def preprocess(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {"": np.stack(items)}

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.dataset import DatasetVersion
@@ -67,41 +65,6 @@ def test_reingest_reuses_the_version(ingested, demo_manifest):
     assert again["id"] == manifest["id"] and again["summary"]["reused"] is True
 
 
-def test_bad_records_are_quarantined_and_good_rows_kept(
-    ray_session, demo_manifest, tmp_path, debug_config
-):
-    root = tmp_path / "corpus"
-    shutil.copytree(demo_manifest.parent, root)
-    rows = _rows(root / "manifest.csv")[:40]
-    (root / "images" / "zero.png").write_bytes(b"")
-    (root / "images" / "truncated.png").write_bytes((root / rows[1]["image"]).read_bytes()[:50])
-    (root / "audio" / "text.wav").write_bytes(b"this is not audio at all")
-    (root / "series" / "nan.npy").write_bytes((root / rows[3]["timeseries"]).read_bytes())
-    np.save(root / "series" / "nan.npy", np.full((3, 200), np.nan, dtype=np.float32))
-    bad = {
-        rows[0]["id"]: ("image", "images/zero.png", "empty_file"),
-        rows[1]["id"]: ("image", "images/truncated.png", "corrupt"),
-        rows[2]["id"]: ("audio", "audio/text.wav", "unsupported_format"),
-        rows[3]["id"]: ("timeseries", "series/nan.npy", "non_finite"),
-        rows[4]["id"]: ("audio", "audio/missing.wav", "missing_file"),
-        rows[5]["id"]: ("image", "../../etc/passwd", "uri_not_allowed"),
-    }
-    for row in rows:
-        if row["id"] in bad:
-            column, value, _ = bad[row["id"]]
-            row[column] = value
-    rows[6]["audio"] = ""  # a missing modality: kept, flagged absent
-    cfg = debug_config()
-    manifest = ingest(str(_write(root / "manifest.csv", rows)), cfg, progress=False)
-    assert manifest["rows"] == 40 - len(bad)
-    assert manifest["presence"]["audio"] == 40 - len(bad) - 1
-    store = Store.open(cfg.store)
-    quarantine = pq.read_table(f"{store.dataset_uri(manifest['id'])}/quarantine").to_pylist()
-    got = {q["id"]: (q["modality"], q["uri"], q["error_kind"]) for q in quarantine}
-    assert got == bad
-    assert manifest["quarantine"]["by_kind"] == {kind: 1 for _, _, kind in bad.values()}
-
-
 def test_manifest_problems_fail_before_any_work(demo_manifest, tmp_path, debug_config):
     rows = _rows(demo_manifest)[:5]
     rows[3]["id"] = rows[1]["id"]
@@ -132,3 +95,43 @@ def test_ingest_from_s3_to_an_s3_store(ray_session, demo_manifest, s3_bucket, de
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=store[5:].split("/")[0])["Contents"]]
     assert any(k.endswith("manifest.json") for k in keys)
     assert sum(k.endswith(".parquet") and "/shards/" in k for k in keys) == len(manifest["shards"])
+
+
+def test_jsonl_and_parquet_manifests_with_two_columns_of_one_kind(
+    ray_session, demo_manifest, debug_config
+):
+    import json
+
+    import pyarrow as pa
+
+    rows = _rows(demo_manifest)[:20]
+    records = [
+        {
+            "id": r["id"],
+            "front": r["image"],
+            "back": r["image"],
+            "caption": r["text"],
+            "split": r["split"],
+            "subject_id": f"s{i % 3}",
+        }
+        for i, r in enumerate(rows)
+    ]
+    records[0]["back"] = None  # a missing view
+    columns = (
+        "data.columns={front: {kind: image, size: 16}, back: {kind: image, size: 8},"
+        " caption: {kind: text}}"
+    )
+    jsonl = demo_manifest.parent / "views.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    parquet = demo_manifest.parent / "views.parquet"
+    pa.Table.from_pylist(records).to_pandas().to_parquet(parquet)
+    for manifest_path in (jsonl, parquet):
+        cfg = debug_config(columns, "evaluate.target=front")
+        manifest = ingest(str(manifest_path), cfg, progress=False)
+        assert manifest["rows"] == 20 and manifest["presence"]["back"] == 19
+        names = {f["name"] for f in manifest["schema"]}
+        assert {"front", "back", "caption__input_ids", "subject_id", "back_present"} <= names
+        data = DatasetVersion.open(Store.open(cfg.store), manifest["id"]).to_numpy(
+            "train", ["front", "back"]
+        )
+        assert data["front"].shape[1:] == (3, 16, 16) and data["back"].shape[1:] == (3, 8, 8)
