@@ -104,6 +104,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipelines.train.evaluate import export_embeddings
+
+    cfg = _load_config(args)
+    result = export_embeddings(args.checkpoint, args.dataset, cfg, args.split)
+    _emit(args, result, f"{result['embedding']}: {result['rows']} rows -> {result['uri']}")
+    return 0
+
+
 def cmd_artefacts(args: argparse.Namespace) -> int:
     from storage.artefacts import Store
 
@@ -175,11 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("embed", parents=[conf], help="export embeddings of a split as Parquet")
+    p.add_argument("checkpoint")
+    p.add_argument("dataset")
+    p.add_argument("--split", help="split to embed (default: evaluate.split)")
+    p.set_defaults(func=cmd_embed)
+
     p = sub.add_parser("artefacts", help="list, show or download stored artefacts")
     p.add_argument("action", choices=["list", "show", "get"])
     p.add_argument("id", nargs="?", help="artefact id (show, get)")
     p.add_argument("dest", nargs="?", help="local folder (get)")
-    p.add_argument("--kind", help="only artefacts of this kind (list)")
+    p.add_argument("--kind", help="dataset, run, evaluation, embedding or report (list)")
     p.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_artefacts)

@@ -1,7 +1,9 @@
-"""The end-to-end report: a comparison table of objectives, as text, Markdown and JSON."""
+"""The end-to-end report: objectives compared as text, Markdown, JSON and PNG plots."""
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Any
 
 from pipelines.config import ChorusConfig, to_dict
@@ -63,9 +65,59 @@ def _markdown(summary: dict[str, Any]) -> str:
             f" | {r['class_chance']:.3f} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f}"
             f" | {r['mrr']:.3f} |"
         )
+    lines += ["", "![comparison](comparison.png)", "", "![training](training.png)"]
     lines += ["", f"Dataset `{summary['dataset']['id']}`; runs:"]
     lines += [f"- `{o}`: `{run['checkpoint']}`" for o, run in summary["runs"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _run_history(run: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = fs.read_bytes(uris.join(run["checkpoint"], "metrics.jsonl")).decode()
+    return [json.loads(line) for line in raw.splitlines()]
+
+
+def plots(summary: dict[str, Any]) -> dict[str, bytes]:
+    """``comparison.png`` (accuracy with bootstrap spread vs chance) and ``training.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["table"]
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    axis.bar(
+        [r["objective"] for r in rows],
+        [r["class_accuracy"] for r in rows],
+        yerr=[r["class_accuracy_std"] or 0 for r in rows],
+        capsize=6,
+        color="#4C72B0",
+    )
+    axis.axhline(rows[0]["class_chance"], color="grey", linestyle="--", label="chance")
+    axis.set_ylabel("class accuracy (top-1)")
+    axis.set_ylim(0, 1)
+    axis.legend()
+    axis.set_title("retrieval on the held-out split")
+    images = {"comparison.png": _png(figure)}
+
+    figure, (loss_axis, scale_axis) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for objective, run in summary["runs"].items():
+        history = _run_history(run)
+        steps = [h["step"] for h in history]
+        loss_axis.plot(steps, [h["loss"] for h in history], label=objective)
+        scale_axis.plot(steps, [h["logit_scale"] for h in history], label=objective)
+    loss_axis.set(xlabel="step", ylabel="loss", title="training loss")
+    scale_axis.set(xlabel="step", ylabel="logit scale s", title="learned logit scale")
+    loss_axis.legend()
+    images["training.png"] = _png(figure)
+    plt.close("all")
+    return images
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
 
 
 def write(
@@ -89,6 +141,8 @@ def write(
     summary["dataset"]["quarantined"] = dataset["quarantine"]["rows"]
     fs.write_json(uris.join(uri, "summary.json"), summary)
     fs.write_bytes(uris.join(uri, "report.md"), _markdown(summary).encode())
+    for name, image in plots(summary).items():
+        fs.write_bytes(uris.join(uri, name), image)
     store.record(
         LineageRecord(
             id=report_id,

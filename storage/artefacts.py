@@ -3,6 +3,7 @@
     <root>/datasets/<dataset-id>/{shards/, quarantine/, manifest.json}
     <root>/runs/<run-name>/...           Ray Train checkpoints + metrics
     <root>/evaluations/<eval-id>/metrics.json
+    <root>/embeddings/<embedding-id>/embeddings.parquet   id + one column per modality
     <root>/reports/<report-id>/{summary.json, report.md}   one end-to-end run
     <root>/lineage/<kind>/<artefact-id>.json
 
@@ -20,7 +21,7 @@ from storage import fs, uris
 from storage.lineage import LineageRecord
 
 DEFAULT_STORE = ".chorus/store"
-KINDS = ("dataset", "run", "evaluation", "report")
+KINDS = ("dataset", "run", "evaluation", "embedding", "report")
 
 
 def default_store_uri() -> str:

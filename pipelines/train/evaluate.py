@@ -6,6 +6,7 @@ evaluation matches training. Ranks break ties by candidate index (deterministic)
 
 from __future__ import annotations
 
+import io
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,20 @@ def retrieval_metrics(scores: np.ndarray, labels: np.ndarray | None = None) -> d
         metrics["class_accuracy"] = float(np.mean(labels[top1] == labels))
         metrics["class_chance"] = float(np.mean(same.mean(1)))
     return metrics
+
+
+def k_candidate_accuracy(scores: np.ndarray, k: int = 10, seed: int = 0) -> float:
+    """Symile-MIMIC protocol: the positive against k-1 random negatives per query (chance 1/k)."""
+    n = len(scores)
+    if n < k:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    wins = 0
+    for i in range(n):
+        negatives = rng.choice(n - 1, size=k - 1, replace=False)
+        negatives += negatives >= i  # skip the positive's own index
+        wins += scores[i, i] > scores[i, negatives].max()
+    return wins / n
 
 
 def bootstrap_spread(
@@ -97,6 +112,43 @@ def embed(model, data: dict[str, np.ndarray], batch_size: int = 256) -> dict[str
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
+def export_embeddings(
+    checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig, split: str | None = None
+) -> dict[str, Any]:
+    """``id`` + one embedding column per modality as Parquet in the store, with lineage."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = Store.open(cfg.store)
+    dataset = DatasetVersion.open(store, dataset_id)
+    with local_checkpoint(checkpoint_uri) as directory:
+        model, _ = load_checkpoint_dir(directory)
+    split = split or cfg.evaluate.split
+    data = dataset.to_numpy(split, model.tensor_columns())
+    features = embed(model, data)
+    columns = {"id": pa.array(data["id"].tolist(), pa.string())}
+    for name, values in features.items():
+        columns[name] = pa.FixedSizeListArray.from_arrays(
+            pa.array(values.numpy().ravel()), values.shape[1]
+        )
+    embedding_id = f"em-{digest_of(checkpoint_uri, dataset_id, split)[:12]}"
+    target = store.uri("embeddings", embedding_id)
+    sink = io.BytesIO()
+    pq.write_table(pa.table(columns), sink)
+    fs.write_bytes(uris.join(target, "embeddings.parquet"), sink.getvalue())
+    store.record(
+        LineageRecord(
+            id=embedding_id,
+            kind="embedding",
+            uri=target,
+            inputs=[{"uri": checkpoint_uri}, {"id": dataset_id, "uri": dataset.uri}],
+            config={"split": split},
+            metrics={"rows": len(data["id"]), "dim": int(next(iter(features.values())).shape[1])},
+        )
+    )
+    return {"embedding": embedding_id, "uri": target, "rows": len(data["id"])}
+
+
 def evaluate(checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig) -> dict[str, Any]:
     """Retrieval metrics of ``cfg.evaluate.target`` given the query set; stored with lineage."""
     store = Store.open(cfg.store)
@@ -122,6 +174,8 @@ def evaluate(checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig) -> dict[st
         "split": cfg.evaluate.split,
         "rows": len(scores),
         **retrieval_metrics(scores, labels),
+        "K10_accuracy": k_candidate_accuracy(scores, 10),
+        "K10_chance": 0.1,
         "bootstrap": bootstrap_spread(scores, labels, cfg.evaluate.bootstrap),
     }
     eval_id = f"ev-{digest_of(checkpoint_uri, dataset_id, to_dict(cfg)['evaluate'])[:12]}"

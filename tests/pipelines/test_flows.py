@@ -31,6 +31,8 @@ def test_end_to_end_flow_records_every_artefact(
     stored = json.loads(fs.read_bytes(f"{summary['uri']}/summary.json"))
     assert stored["table"] == json.loads(json.dumps(summary["table"]))
     assert "| symile |" in fs.read_bytes(f"{summary['uri']}/report.md").decode()
+    for plot in ("comparison.png", "training.png"):
+        assert fs.read_bytes(f"{summary['uri']}/{plot}").startswith(b"\x89PNG")
 
 
 def test_flow_rejects_a_bad_config_before_work(prefect_harness, demo_manifest, debug_config):

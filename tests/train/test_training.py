@@ -6,10 +6,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.train.evaluate import evaluate, ranks_of_positives, retrieval_metrics
+from pipelines.train.evaluate import (
+    evaluate,
+    export_embeddings,
+    k_candidate_accuracy,
+    ranks_of_positives,
+    retrieval_metrics,
+)
 from pipelines.train.launch import train
 from pipelines.train.loop import METRICS_FILE, build_model, load_checkpoint_dir
 
@@ -80,6 +87,14 @@ def test_retrieval_metrics_on_a_hand_built_matrix():
     assert m["class_accuracy"] == 1.0 and m["class_chance"] == 0.5
 
 
+def test_k_candidate_protocol():
+    perfect = np.eye(30)
+    assert k_candidate_accuracy(perfect, 10) == 1.0
+    assert k_candidate_accuracy(-perfect, 10) == 0.0
+    rng = np.random.default_rng(0)
+    assert abs(k_candidate_accuracy(rng.random((400, 400)), 10) - 0.1) < 0.05
+
+
 @pytest.mark.slow
 def test_train_on_ray_train_then_resume_and_evaluate(ingested):
     cfg, manifest = ingested
@@ -94,6 +109,11 @@ def test_train_on_ray_train_then_resume_and_evaluate(ingested):
     # Same run name: Ray Train resumes from the latest checkpoint, which is already final.
     again = train(manifest["id"], cfg)
     assert again["run"] == result["run"] and again["metrics"]["step"] == result["metrics"]["step"]
+
+    exported = export_embeddings(result["checkpoint"], manifest["id"], cfg, "val")
+    table = pq.read_table(f"{exported['uri']}/embeddings.parquet")
+    assert table.num_rows == manifest["splits"]["val"]
+    assert set(table.column_names) == {"id", "image", "audio", "text", "timeseries"}
 
     evaluation = evaluate(result["checkpoint"], manifest["id"], cfg)
     assert evaluation["rows"] == manifest["splits"]["test"]
