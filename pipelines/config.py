@@ -32,8 +32,9 @@ class DataConfig(_Section):
     columns: dict[str, ModalityConfig] = Field(
         description="Modality columns of the manifest, by name (e.g. image: {kind: image})."
     )
-    allow_outside_root: bool = Field(
-        False, description="Let manifest URIs point outside the manifest's folder."
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders or s3:// prefixes besides the manifest's own that URIs may use.",
     )
 
     @field_validator("columns")

@@ -106,7 +106,7 @@ class RecordDecoder:
         columns: dict[str, dict],
         assets: dict[str, dict[str, str]],
         root: str,
-        allow_outside_root: bool,
+        allowed_roots: list[str],
         quarantine_uri: str,
     ):
         self.kinds = {name: spec["kind"] for name, spec in columns.items()}
@@ -118,7 +118,7 @@ class RecordDecoder:
             name: registry.get(self.kinds[name]).Processor(cfg, assets.get(name))
             for name, cfg in self.configs.items()
         }
-        self.root, self.allow_outside_root = root, allow_outside_root
+        self.root, self.allowed_roots = root, tuple(allowed_roots)
         self.quarantine_uri = quarantine_uri
         self.pool = ThreadPoolExecutor(max_workers=8)  # overlaps S3 / disk latency
 
@@ -126,7 +126,7 @@ class RecordDecoder:
         if not _is_reference(self.kinds[name], cell):
             return cell.encode("utf-8")
         try:
-            uri = uris.resolve_under(self.root, cell, allow_outside=self.allow_outside_root)
+            uri = uris.resolve_under(self.root, cell, allowed=self.allowed_roots)
         except ValueError as exc:
             raise DecodeError("uri_not_allowed", str(exc)) from None
         try:
@@ -237,7 +237,7 @@ def ingest(manifest_uri: str, cfg: ChorusConfig, *, progress: bool = True) -> di
             "columns": columns,
             "assets": assets,
             "root": uris.parent(manifest_uri),
-            "allow_outside_root": cfg.data.allow_outside_root,
+            "allowed_roots": cfg.data.allowed_roots,
             "quarantine_uri": uris.join(target, "quarantine"),
         },
         batch_size=cfg.ingest.batch_size,

@@ -34,12 +34,12 @@ def parent(uri: str) -> str:
     return str(Path(uri).parent)
 
 
-def resolve_under(root: str, reference: str, *, allow_outside: bool = False) -> str:
+def resolve_under(root: str, reference: str, *, allowed: tuple[str, ...] = ()) -> str:
     """Resolve a manifest cell against the manifest's folder.
 
-    Relative references join ``root``; absolute paths and ``s3://`` URIs are kept.
-    Unless ``allow_outside``, the result must stay under ``root`` (no ``../`` escapes,
-    no absolute paths elsewhere). Raises ``ValueError`` naming the reference otherwise.
+    Relative references join ``root``; absolute paths and ``s3://`` URIs are kept. The
+    result must stay under ``root`` or one of the ``allowed`` roots (no ``../`` escapes, no
+    absolute paths or buckets elsewhere). Raises ``ValueError`` naming the reference otherwise.
     """
     if is_remote(reference):
         resolved = reference
@@ -50,8 +50,11 @@ def resolve_under(root: str, reference: str, *, allow_outside: bool = False) -> 
     else:
         local = urlparse(reference).path if reference.startswith("file://") else reference
         resolved = str(Path(root, local).resolve())
-    if not allow_outside and not _within(root, resolved):
-        raise ValueError(f"{reference!r} resolves outside the manifest root {root!r}")
+    if not any(_within(normalise(r), resolved) for r in (root, *allowed)):
+        raise ValueError(
+            f"{reference!r} resolves outside the manifest root {root!r}"
+            + (f" and the allowed roots {list(allowed)}" if allowed else "")
+        )
     return resolved
 
 

@@ -224,3 +224,14 @@ def test_timeseries_wrong_shape():
     with pytest.raises(DecodeError) as info:
         _processor("timeseries")[0].decode(_series_bytes(np.zeros((3, 10)), "npy"))
     assert info.value.kind == "bad_shape"
+
+
+def test_text_loads_a_transformers_tokenizer_from_a_local_path(tmp_path):
+    module = registry.get("text")
+    fitted_cfg = _cfg("text", tokenizer="wordlevel", vocab_size=None)
+    assets = module.fit_assets(fitted_cfg, ["alpha beta gamma", "beta delta"])
+    module.load_tokenizer(fitted_cfg, assets).save_pretrained(tmp_path / "tok")
+    processor, _ = _processor("text", tokenizer=str(tmp_path / "tok"))
+    ids = processor.preprocess(["beta gamma"])["input_ids"][0]
+    assert list(ids[:2]) == list(module.Processor(fitted_cfg, assets).preprocess(
+        ["beta gamma"])["input_ids"][0][:2])
