@@ -68,6 +68,17 @@ def _field_kb(text: str, field: str) -> int:
     return int(line.split()[1])
 
 
+def _plasma_kb(raylet: int) -> int:
+    """Pages allocated in the raylet's object store file (/dev/shm, already unlinked)."""
+    for fd in Path(f"/proc/{raylet}/fd").iterdir():
+        try:
+            if "plasma" in os.readlink(fd):
+                return os.stat(fd).st_blocks // 2
+        except OSError:
+            continue
+    return 0
+
+
 class TreeSampler(threading.Thread):
     """Polls the process tree under ``root`` for its summed RSS, PSS and CPU time."""
 
@@ -77,6 +88,8 @@ class TreeSampler(threading.Thread):
         self.peak_rss = self.peak_pss = self.max_procs = 0
         self.first_cpu: dict[int, float] = {}
         self.last_cpu: dict[int, float] = {}
+        self.proc_peak: dict[int, tuple[str, int]] = {}
+        self.peak_plasma = 0
         self.stopped = threading.Event()
         self.start_rss, self.start_pss = self.sample()
 
@@ -103,15 +116,20 @@ class TreeSampler(threading.Thread):
         tree = self.tree()
         for pid, stat in tree.items():
             try:
-                rss += _field_kb(_proc(pid, "status"), "VmRSS")
+                one = _field_kb(_proc(pid, "status"), "VmRSS")
                 pss += _field_kb(_proc(pid, "smaps_rollup"), "Pss")
             except (OSError, ValueError):
                 continue  # the process ended meanwhile
+            rss += one
+            name = stat[stat.find("(") + 1 : stat.rfind(")")]
+            self.proc_peak[pid] = (name, max(one, self.proc_peak.get(pid, ("", 0))[1]))
             ticks = stat.rsplit(")", 1)[1].split()[11:13]  # utime, stime
             cpu = sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK")
             self.first_cpu.setdefault(pid, cpu)
             self.last_cpu[pid] = cpu
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        raylets = [p for p, (name, _) in self.proc_peak.items() if name == "raylet" and p in tree]
+        self.peak_plasma = max([self.peak_plasma, *map(_plasma_kb, raylets)])
         self.max_procs = max(self.max_procs, len(tree))
         return rss, pss
 
@@ -130,9 +148,17 @@ class TreeSampler(threading.Thread):
             "tree_peak_pss_mb": mb(self.peak_pss),
             "tree_start_rss_mb": mb(self.start_rss),
             "tree_start_pss_mb": mb(self.start_pss),
+            "object_store_peak_mb": mb(self.peak_plasma),
             "driver_peak_rss_mb": mb(_field_kb(_proc(os.getpid(), "status"), "VmHWM")),
             "max_processes": self.max_procs,
             "tree_cpu_s": round(cpu, 1),
+            "processes": sorted(  # name[pid], peak RSS MB, CPU s; biggest first
+                (
+                    [f"{name}[{pid}]", mb(kb), round(self.last_cpu[pid] - self.first_cpu[pid], 1)]
+                    for pid, (name, kb) in self.proc_peak.items()
+                ),
+                key=lambda item: -item[1],
+            ),
         }
 
 
@@ -140,12 +166,14 @@ def run_loop(manifest: str, cfg) -> dict:
     """The baseline: one process, same fetch / decode / preprocess / Parquet shards."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
     from modalities import registry
     from modalities.base import DecodeError, column_name
     from pipelines.ingest import read_manifest
     from storage import fs, uris
 
+    torch.set_num_threads(1)  # as in Ray's workers (OMP_NUM_THREADS=1): one core, no spinning
     columns = {name: spec.model_dump() for name, spec in cfg.data.columns.items()}
     table, _ = read_manifest(manifest, columns)
     root, shards = uris.parent(manifest), Path(cfg.store, "shards")
@@ -233,6 +261,7 @@ def run_case(spec: dict) -> dict:
     if spec["mode"] == "ray":
         start = time.perf_counter()
         ensure_ray(num_cpus=spec["cpus"])
+        import ray.data  # noqa: F401  (a one-off driver import, like torch for the loop)
         out["ray_startup_s"] = round(time.perf_counter() - start, 2)
     with tempfile.TemporaryDirectory(prefix="chorus-bench-") as store:
         cfg = load("demo", None, [f"store={store}"])

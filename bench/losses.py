@@ -7,7 +7,8 @@ identical seeded inputs and reports:
 
 * ``time_s``: forward + backward wall time; the minimum of ``--repeats`` runs after the
   first one (the least disturbed by other jobs on a shared CPU), or the first run alone
-  when it took longer than 5 s;
+  when it took longer than 5 s; ``cpu_s``: the same for the CPU time of all threads
+  (``time.process_time``), which other jobs on a shared machine disturb much less;
 * ``peak_mb``: peak resident memory of the first forward + backward above the resident size
   just before it. The peak is reset with ``/proc/self/clear_refs`` (``5``) so imports and
   input construction do not count; on kernels without it, the ``ru_maxrss`` delta is used;
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -107,15 +107,16 @@ def _loss_fn(objective: str, impl: str, m: int, n: int):
     return (lambda: obj(named, scale)["loss"]), [*feats, scale]
 
 
-def _step(fn, leaves) -> tuple[float, float]:
+def _step(fn, leaves) -> tuple[float, float, float]:
+    """One forward + backward: (wall seconds, CPU seconds of all threads, loss)."""
     torch.manual_seed(1)  # symile "n" permutations: same draws for every implementation
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     loss = fn()
     loss.backward()
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - c
     for leaf in leaves:
         leaf.grad = None
-    return elapsed, float(loss.detach())
+    return elapsed, cpu, float(loss.detach())
 
 
 def run_case(spec: dict) -> dict:
@@ -129,12 +130,14 @@ def run_case(spec: dict) -> dict:
     fn, leaves = _loss_fn(spec["objective"], spec["impl"], m, n)
     exact = _reset_peak()
     before = _rss_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    first, out["loss"] = _step(fn, leaves)
+    first = _step(fn, leaves)
     peak = _rss_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out["peak_mb"] = round(max(0, peak - before) / 1024, 1)
     out["memory_method"] = "clear_refs+VmHWM" if exact else "ru_maxrss delta"
-    times = [first] if first > SLOW_S else [_step(fn, leaves)[0] for _ in range(spec["repeats"])]
-    out["time_s"] = min(times)
+    out["loss"] = first[2]
+    runs = [first] if first[0] > SLOW_S else [_step(fn, leaves) for _ in range(spec["repeats"])]
+    out["time_s"] = min(r[0] for r in runs)
+    out["cpu_s"] = min(r[1] for r in runs)
     return out
 
 
@@ -183,7 +186,7 @@ def compare(results: list[dict]) -> list[dict]:
         base = next(
             (b for b in results if b is not r and (b["objective"], b["m"], b["n"]) == key), None
         )
-        row = {k: r[k] for k in ("objective", "m", "n", "time_s", "peak_mb", "loss")}
+        row = {k: r[k] for k in ("objective", "m", "n", "time_s", "cpu_s", "peak_mb", "loss")}
         if "bound_s" in r:
             row["bound_s"] = round(r["bound_s"], 3)
             row["time_over_bound"] = round(r["time_s"] / r["bound_s"], 2)
@@ -193,26 +196,42 @@ def compare(results: list[dict]) -> list[dict]:
             row |= {
                 "baseline": base["impl"],
                 "baseline_time_s": base["time_s"],
+                "baseline_cpu_s": base["cpu_s"],
                 "baseline_peak_mb": base["peak_mb"],
                 "baseline_loss": base["loss"],
                 "speedup": round(base["time_s"] / r["time_s"], 2),
+                "cpu_speedup": round(base["cpu_s"] / max(r["cpu_s"], 1e-9), 2),
                 "memory_ratio": round(base["peak_mb"] / max(r["peak_mb"], 0.1), 1),
             }
         rows.append(row)
     return rows
 
 
+_COLUMNS = [  # (key, title, width, format)
+    ("objective", "objective", 17, "s"),
+    ("m", "M", 2, "d"),
+    ("n", "N", 5, "d"),
+    ("time_s", "time_s", 8, ".3f"),
+    ("cpu_s", "cpu_s", 8, ".3f"),
+    ("bound_s", "bound_s", 8, ".3f"),
+    ("peak_mb", "peak_MB", 8, ".1f"),
+    ("baseline_time_s", "base_s", 8, ".3f"),
+    ("baseline_cpu_s", "base_cpu", 8, ".3f"),
+    ("baseline_peak_mb", "base_MB", 8, ".1f"),
+    ("speedup", "speedup", 7, ".2f"),
+    ("cpu_speedup", "cpu_x", 6, ".2f"),
+    ("memory_ratio", "mem_x", 6, ".1f"),
+]
+
+
 def _fmt(rows: list[dict]) -> str:
-    head = "objective          M     N   time_s  bound_s  peak_MB | base_s  base_MB  speedup  mem_x"
-    lines = [head]
+    lines = [" ".join(f"{title:>{width}}" for _, title, width, _ in _COLUMNS)]
     for r in rows:
-        lines.append(
-            f"{r['objective']:<17}{r['m']:>2}{r['n']:>6}{r['time_s']:>9.3f}"
-            f"{r.get('bound_s', math.nan):>9.3f}{r['peak_mb']:>9.1f} | "
-            f"{r.get('baseline_time_s', math.nan):>6.3f}{r.get('baseline_peak_mb', math.nan):>9.1f}"
-            f"{r.get('speedup', math.nan):>9.2f}{r.get('memory_ratio', math.nan):>7.1f}"
-            + ("" if "speedup" in r else f"  ({r['baseline']})")
-        )
+        cells = [
+            f"{r[key]:>{width}{fmt}}" if key in r else f"{'-':>{width}}"
+            for key, _, width, fmt in _COLUMNS
+        ]
+        lines.append(" ".join(cells) + ("" if "speedup" in r else f"  ({r['baseline']})"))
     return "\n".join(lines)
 
 

@@ -111,9 +111,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = _optimizer(_unwrap(model), train)
     total_steps = train["epochs"] * config["steps_per_epoch"]
     scheduler = _schedule(optimizer, train["warmup_steps"], total_steps)
-    state, history = {"step": 0, "epoch": 0}, []
+    state, history = {"step": 0, "epoch": 0, "resumed_from_step": 0}, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         state, history = _restore(checkpoint, model, optimizer, scheduler)
+        state["resumed_from_step"] = state["step"]
+        if rank == 0:
+            print(f"resuming at step {state['step']} (epoch {state['epoch']})", file=sys.stderr)
 
     shard = ray.train.get_dataset_shard("train")
     local_batch = train["batch_size"] // world

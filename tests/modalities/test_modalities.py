@@ -233,5 +233,6 @@ def test_text_loads_a_transformers_tokenizer_from_a_local_path(tmp_path):
     module.load_tokenizer(fitted_cfg, assets).save_pretrained(tmp_path / "tok")
     processor, _ = _processor("text", tokenizer=str(tmp_path / "tok"))
     ids = processor.preprocess(["beta gamma"])["input_ids"][0]
-    assert list(ids[:2]) == list(module.Processor(fitted_cfg, assets).preprocess(
-        ["beta gamma"])["input_ids"][0][:2])
+    assert list(ids[:2]) == list(
+        module.Processor(fitted_cfg, assets).preprocess(["beta gamma"])["input_ids"][0][:2]
+    )

@@ -84,12 +84,11 @@ class Symile:
     ) -> None:
         check_choice("negative_sampling", negative_sampling, SAMPLINGS)
         check_choice("missing", missing, MISSING)
-        self.negative_sampling, self.mip_scaling, self.missing = (
-            negative_sampling,
-            mip_scaling,
-            missing,
-        )
-        self.generator, self.block_elems = generator, block_elems
+        self.negative_sampling = negative_sampling
+        self.mip_scaling = mip_scaling
+        self.missing = missing
+        self.generator = generator
+        self.block_elems = block_elems
 
     def __call__(
         self,
