@@ -56,7 +56,7 @@ def _kill_train_worker() -> int:
 @pytest.mark.slow
 def test_killed_worker_resumes_from_its_last_checkpoint(ingested):
     base_cfg, manifest = ingested
-    overrides = [f"store={base_cfg.store}", "train.epochs=16", "train.checkpoint_every=1"]
+    overrides = [f"store={base_cfg.store}", "train.epochs=8", "train.checkpoint_every=1"]
     cfg = load("debug", None, overrides)
     dataset = DatasetVersion.open(Store.open(cfg.store), manifest["id"])
     config = run_config_for(dataset, cfg, cfg.train.objective, cfg.train.objective_options)
