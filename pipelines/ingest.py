@@ -158,6 +158,9 @@ class RecordDecoder:
                 decoded[name, i] = job.result()
             except DecodeError as exc:
                 failures.append((batch["id"][i], name, cells[name][i], exc.kind, exc.message))
+            except Exception as exc:  # a decoder bug must not sink the whole job
+                message = f"unexpected {type(exc).__name__}: {exc}"
+                failures.append((batch["id"][i], name, cells[name][i], "corrupt", message))
         bad = {f[0] for f in failures}
         keep = [i for i in range(n) if batch["id"][i] not in bad]
         if failures:
@@ -254,6 +257,7 @@ def ingest(manifest_uri: str, cfg: ChorusConfig, *, progress: bool = True) -> di
     )
 
     manifest = _describe(target, dataset_id, columns, assets, manifest_uri, raw, len(table))
+    manifest["digest"] = dataset_digest(raw, cfg)  # input manifest + config + code version
     manifest["summary"]["seconds"] = round(time.perf_counter() - started, 2)
     manifest["summary"]["records_per_s"] = round(len(table) / manifest["summary"]["seconds"], 1)
     fs.write_json(uris.join(target, MANIFEST), manifest)  # last: marks the version complete

@@ -112,6 +112,15 @@ def embed(model, data: dict[str, np.ndarray], batch_size: int = 256) -> dict[str
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
+def _open(checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig):
+    """The store, the dataset version, and the model rebuilt from its checkpoint."""
+    store = Store.open(cfg.store)
+    dataset = DatasetVersion.open(store, dataset_id)
+    with local_checkpoint(checkpoint_uri) as directory:
+        model, config = load_checkpoint_dir(directory)
+    return store, dataset, model, config
+
+
 def export_embeddings(
     checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig, split: str | None = None
 ) -> dict[str, Any]:
@@ -119,10 +128,7 @@ def export_embeddings(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    store = Store.open(cfg.store)
-    dataset = DatasetVersion.open(store, dataset_id)
-    with local_checkpoint(checkpoint_uri) as directory:
-        model, _ = load_checkpoint_dir(directory)
+    store, dataset, model, _ = _open(checkpoint_uri, dataset_id, cfg)
     split = split or cfg.evaluate.split
     data = dataset.to_numpy(split, model.tensor_columns())
     features = embed(model, data)
@@ -151,10 +157,7 @@ def export_embeddings(
 
 def evaluate(checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig) -> dict[str, Any]:
     """Retrieval metrics of ``cfg.evaluate.target`` given the query set; stored with lineage."""
-    store = Store.open(cfg.store)
-    dataset = DatasetVersion.open(store, dataset_id)
-    with local_checkpoint(checkpoint_uri) as directory:
-        model, config = load_checkpoint_dir(directory)
+    store, dataset, model, config = _open(checkpoint_uri, dataset_id, cfg)
     objective = get_objective(config["objective"], **config["objective_options"])
     target = cfg.evaluate.target
     query = cfg.evaluate.query or [n for n in config["columns"] if n != target]

@@ -82,6 +82,7 @@ def train(
             storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress line
         ),
         datasets={"train": train_split},
     )

@@ -125,6 +125,7 @@ def _wav(samples: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WA
         (2, 44100, "PCM_U8", "WAV"),
         (1, 22050, "PCM_24", "FLAC"),
         (2, 8000, "VORBIS", "OGG"),
+        (1, 24000, "MPEG_LAYER_III", "MP3"),
     ],
 )
 def test_audio_decodes_resamples_and_mel(channels, rate, subtype, fmt):
