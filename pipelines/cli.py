@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,25 @@ def _load_config(args: argparse.Namespace):
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
-    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+    out = getattr(args, "result_stream", sys.stdout)
+    print(json.dumps(payload, indent=2, default=str) if args.json else text, file=out, flush=True)
+
+
+@contextmanager
+def _stdout_reserved_for_results(args: argparse.Namespace):
+    """Point file descriptor 1 at stderr while working, so Ray/Prefect/worker chatter cannot
+    mix with the result (``--json`` output stays parseable); results go to the real stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    args.result_stream = os.fdopen(os.dup(saved), "w")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        args.result_stream.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -122,7 +142,8 @@ def cmd_artefacts(args: argparse.Namespace) -> int:
         lines = [f"{r['created_at']}  {r['kind']:<10} {r['id']:<40} {r['uri']}" for r in records]
         _emit(args, records, "\n".join(lines) or f"no artefacts in {store.root}")
     elif args.action == "show":
-        print(json.dumps(store.lineage(args.id), indent=2))
+        record = store.lineage(args.id)
+        _emit(args, record, json.dumps(record, indent=2))
     else:
         files = store.download(args.id, args.dest)
         _emit(args, [str(f) for f in files], f"downloaded {len(files)} files to {args.dest}")
@@ -140,14 +161,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     from pipelines.config import to_dict
 
-    print(yaml.safe_dump(to_dict(_load_config(args)), sort_keys=False))
+    settings = to_dict(_load_config(args))
+    _emit(args, settings, yaml.safe_dump(settings, sort_keys=False))
     return 0
 
 
 def cmd_objectives(args: argparse.Namespace) -> int:
     from pipelines.train.objectives import names
 
-    print("\n".join(names()))
+    _emit(args, names(), "\n".join(names()))
     return 0
 
 
@@ -202,12 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="synthetic experiments (xor)")
     p.add_argument("name", choices=["xor"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the experiment")
-    p.set_defaults(func=cmd_experiment)
+    p.set_defaults(func=cmd_experiment, json=False, plain_stdout=True)  # prints its own output
 
     p = sub.add_parser("config", parents=[conf], help="print the resolved configuration")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("objectives", help="list the registered objectives")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_objectives)
     return parser
 
@@ -223,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.errors import USER_ERRORS
 
     try:
-        return args.func(args)
+        if getattr(args, "plain_stdout", False):
+            return args.func(args)
+        with _stdout_reserved_for_results(args):
+            return args.func(args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ def test_config_prints_resolved_yaml():
 def test_objectives_are_listed():
     out = chorus("objectives")
     assert {"clip", "symile"} <= set(out.stdout.split())
+    assert "symile" in json.loads(chorus("objectives", "--json").stdout)
 
 
 def test_demo_data_then_ingest_json_then_list(tmp_path):
