@@ -130,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=4 * local_batch,
             local_shuffle_seed=train["seed"] + 1000 * state["epoch"] + rank,
         )
-        waited = 0.0
+        waited, in_window = 0.0, 0  # a log window restarts at every epoch (checkpoints between)
         window = tick = time.perf_counter()
         for batch in batches:
             waited += time.perf_counter() - tick
@@ -148,21 +148,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with torch.no_grad():
                     _unwrap(model).logit_scale.clamp_(0, objective.max_logit_scale)
             state["step"] += 1
+            in_window += 1
             if state["step"] % train["log_every"] == 0:
-                step_s = (time.perf_counter() - window) / train["log_every"]
-                metrics = _metrics(state, terms, optimizer, step_s, waited, train, world)
+                step_s = (time.perf_counter() - window) / in_window
+                metrics = _metrics(
+                    state, terms, optimizer, step_s, waited / in_window, train, world
+                )
                 history.append(metrics)
                 ray.train.report(metrics)
                 if rank == 0:
                     print(_progress_line(metrics, total_steps), file=sys.stderr, flush=True)
-                waited, window = 0.0, time.perf_counter()
+                waited, in_window, window = 0.0, 0, time.perf_counter()
             tick = time.perf_counter()
         state["epoch"] += 1
         if state["epoch"] % train["checkpoint_every"] == 0 or state["epoch"] == train["epochs"]:
             _checkpoint(model, optimizer, scheduler, state, config, history, rank)
 
 
-def _metrics(state, terms, optimizer, step_s, waited, train, world) -> dict[str, Any]:
+def _metrics(state, terms, optimizer, step_s, wait_s, train, world) -> dict[str, Any]:
     scalars = {k: float(v.detach()) for k, v in terms.items() if torch.is_tensor(v) and v.ndim == 0}
     return {
         "step": state["step"],
@@ -170,7 +173,7 @@ def _metrics(state, terms, optimizer, step_s, waited, train, world) -> dict[str,
         **scalars,
         "lr": optimizer.param_groups[0]["lr"],
         "step_s": step_s,
-        "data_wait_s": waited / train["log_every"],
+        "data_wait_s": wait_s,
         "samples_per_s": train["batch_size"] / step_s,
         "samples_per_s_per_worker": train["batch_size"] / step_s / world,
     }
