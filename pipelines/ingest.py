@@ -305,8 +305,7 @@ def _describe(
     shards, paths, schema = [], [], None
     shard_fs, _ = fs.filesystem(target)
     for info in fs.list_files(uris.join(target, "shards")):
-        data = fs.read_bytes(fs.to_uri(target, info.path))
-        meta = pq.read_metadata(io.BytesIO(data))
+        meta = pq.read_metadata(info.path, filesystem=shard_fs)  # the footer only
         schema = schema or meta.schema.to_arrow_schema()
         paths.append(info.path)
         shards.append(
@@ -314,7 +313,7 @@ def _describe(
                 "path": "shards/" + info.path.rsplit("/", 1)[-1],
                 "rows": meta.num_rows,
                 "bytes": info.size,
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "sha256": fs.sha256(fs.to_uri(target, info.path)),
             }
         )
     present_columns = ["split", *(f"{n}_present" for n in columns)]

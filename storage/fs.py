@@ -6,6 +6,7 @@ credentials and region from the usual AWS environment variables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from functools import lru_cache
@@ -41,6 +42,16 @@ def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as stream:
         return stream.read()
+
+
+def sha256(uri: str, chunk: int = 1 << 20) -> str:
+    """Hex digest of a file, streamed so large shards never sit in memory whole."""
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
