@@ -5,5 +5,6 @@ from __future__ import annotations
 from pipelines.config import ConfigError
 from pipelines.dataset import DatasetNotFound
 from pipelines.ingest import ManifestError
+from storage.artefacts import ArtefactNotFound
 
-USER_ERRORS = (ConfigError, ManifestError, DatasetNotFound, KeyError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ManifestError, DatasetNotFound, ArtefactNotFound, FileNotFoundError)

@@ -24,6 +24,10 @@ DEFAULT_STORE = ".chorus/store"
 KINDS = ("dataset", "run", "evaluation", "embedding", "report")
 
 
+class ArtefactNotFound(KeyError):
+    """No artefact with that id in the store."""
+
+
 def default_store_uri() -> str:
     return os.environ.get("CHORUS_STORE") or DEFAULT_STORE
 
@@ -61,7 +65,7 @@ class Store:
             candidate = self.uri("lineage", kind, f"{artefact_id}.json")
             if fs.exists(candidate):
                 return fs.read_json(candidate)
-        raise KeyError(f"no artefact {artefact_id!r} in {self.root}")
+        raise ArtefactNotFound(f"no artefact {artefact_id!r} in {self.root}")
 
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Lineage records, newest first, optionally of one kind."""
