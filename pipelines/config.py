@@ -77,6 +77,12 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="Seed for weights, shuffling and negative sampling.")
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in-process).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker requests.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op threads per worker (default: the node's cores / workers; the "
+        "materialised training split leaves Ray Data idle while the loop runs).",
+    )
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
     checkpoint_every: int = Field(
         5, ge=1, description="Epochs between checkpoints (the last epoch always saves)."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -105,6 +106,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(train["seed"] + rank)
+    torch.set_num_threads(
+        train["torch_threads"] or max(1, (os.cpu_count() or 1) // max(1, train["num_workers"]))
+    )
     objective = get_objective(config["objective"], **config["objective_options"])
     model = ray.train.torch.prepare_model(build_model(config))
     device = next(model.parameters()).device
