@@ -16,7 +16,7 @@ import torchaudio
 from pydantic import Field
 from torch import nn
 
-from modalities.base import DecodeError, ModalityConfig, Spec
+from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
 from modalities.layers import Tower, conv_tower, mlp_head, random_gain, random_roll
 
 
@@ -99,8 +99,7 @@ class Processor:
         return {"": log_mel.to(torch.float16).numpy()}
 
 
-def fit_assets(cfg: Config, samples: list[str]) -> dict[str, str]:
-    return {}
+fit_assets = no_assets  # nothing dataset-level to fit
 
 
 class _Prepare(nn.Module):

@@ -83,6 +83,11 @@ def column_name(column: str, suffix: str) -> str:
     return column if not suffix else f"{column}__{suffix}"
 
 
+def no_assets(cfg: Any, samples: list[str]) -> dict[str, str]:
+    """``fit_assets`` of modalities that need no dataset-level state."""
+    return {}
+
+
 def placeholder(spec: Spec, n: int) -> dict[str, np.ndarray]:
     """Zero-filled values for ``n`` rows where the modality is missing."""
     return {s: np.zeros((n, *shape), dtype=dtype) for s, (dtype, shape) in spec.items()}

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 from torch import nn
 
-from modalities.base import DecodeError, ModalityConfig, Spec
+from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
 from modalities.layers import Tower, conv_tower, mlp_head, random_gain, random_roll
 
 # Rough per-channel statistics of natural and synthetic images; the encoder's first
@@ -80,8 +80,7 @@ class Processor:
         return {"": np.stack(items)}
 
 
-def fit_assets(cfg: Config, samples: list[str]) -> dict[str, str]:
-    return {}
+fit_assets = no_assets  # nothing dataset-level to fit
 
 
 class _Prepare(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from modalities.base import DecodeError, ModalityConfig, Spec
+from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
 from modalities.layers import Tower, conv_tower, mlp_head, random_gain, random_roll
 
 PRESETS = {
@@ -117,8 +117,7 @@ class Processor:
         return {"": np.stack(items)}
 
 
-def fit_assets(cfg: Config, samples: list[str]) -> dict[str, str]:
-    return {}
+fit_assets = no_assets  # nothing dataset-level to fit
 
 
 class _Prepare(nn.Module):
