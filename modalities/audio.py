@@ -7,17 +7,26 @@ Defaults follow ImageBind/LanguageBind (16 kHz, 128 mel bins, 25 ms window, 10 m
 from __future__ import annotations
 
 import io
+import math
 from typing import Literal
 
 import numpy as np
 import soundfile
 import torch
 import torchaudio
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
+from modalities import hf
 from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
-from modalities.layers import Tower, conv_tower, mlp_head, random_gain, random_roll
+from modalities.layers import (
+    Tower,
+    check_encoder_fields,
+    conv_tower,
+    mlp_head,
+    random_gain,
+    random_roll,
+)
 
 
 class Config(ModalityConfig):
@@ -30,11 +39,30 @@ class Config(ModalityConfig):
     n_mels: int = Field(128, ge=8, description="Mel bins.")
     window_ms: float = Field(25.0, gt=0, description="STFT window length.")
     hop_ms: float = Field(10.0, gt=0, description="STFT hop length.")
-    encoder: Literal["cnn"] = Field("cnn", description="Encoder tower architecture.")
-    width: int = Field(32, ge=4, description="Channels of the first conv stage.")
+    encoder: Literal["cnn", "hf"] = Field(
+        "cnn", description="'cnn' (conv net over log-mel/waveform) or 'hf' (transformers model)."
+    )
+    pretrained: str | None = Field(
+        None,
+        description="hf: HF id or local path to load; unset builds a small AST (log_mel) or "
+        "wav2vec2 (waveform) offline.",
+    )
+    width: int = Field(
+        32, ge=4, description="cnn: channels of the first stage; built hf model: hidden size."
+    )
+    depth: int = Field(2, ge=1, description="Built hf model: transformer layers.")
+    heads: int = Field(4, ge=1, description="Built hf model: attention heads (divide width).")
+    patch_size: int = Field(
+        16, ge=2, description="Built AST: square log-mel patch side (patches do not overlap)."
+    )
     augment: bool = Field(
         True, description="Training-time time shifts, gain and noise (fights memorising)."
     )
+
+    @model_validator(mode="after")
+    def _check_encoder(self) -> Config:
+        check_encoder_fields(self)
+        return self
 
     @property
     def num_samples(self) -> int:
@@ -119,7 +147,76 @@ class _Prepare(nn.Module):
         return x
 
 
+class _FramesFirst(nn.Module):
+    """(B, 1, n_mels, frames) -> (B, frames, n_mels), cropped or zero-padded to ``frames``.
+
+    AST-style models take time-major log-mel fbanks of one fixed length.
+    """
+
+    def __init__(self, frames: int):
+        super().__init__()
+        self.frames = frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.squeeze(1).transpose(1, 2)[:, : self.frames]
+        return nn.functional.pad(x, (0, 0, 0, self.frames - x.shape[1]))
+
+
+def _built_config(cfg: Config):
+    """A small AST (log-mel) or wav2vec2 (waveform) config sized to this data, built offline."""
+    from transformers import ASTConfig, Wav2Vec2Config
+
+    sizes = {
+        "hidden_size": cfg.width,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.heads,
+        "intermediate_size": 4 * cfg.width,
+    }
+    if cfg.representation == "waveform":
+        return Wav2Vec2Config(
+            **sizes,
+            conv_dim=(cfg.width,) * 7,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=math.gcd(cfg.width, 4),
+            # SpecAugment masking needs long sequences and adds an unused parameter under DDP.
+            apply_spec_augment=False,
+            mask_time_prob=0.0,
+        )
+    if min(cfg.n_mels, cfg.num_frames) < cfg.patch_size:
+        raise ValueError(f"audio.patch_size={cfg.patch_size} exceeds n_mels or frames")
+    stride = {"frequency_stride": cfg.patch_size, "time_stride": cfg.patch_size}
+    return ASTConfig(
+        **sizes,
+        patch_size=cfg.patch_size,
+        num_mel_bins=cfg.n_mels,
+        max_length=cfg.num_frames,
+        **stride,
+    )
+
+
+def _build_hf(cfg: Config, embed_dim: int) -> nn.Module:
+    model = hf.load_model(cfg.pretrained, lambda: _built_config(cfg))
+    # Fixed per-sample standardisation, as wav2vec2's and AST's feature extractors do. No
+    # affine parameters: wav2vec2 needs its input to be a leaf tensor (it sets requires_grad).
+    if cfg.representation == "waveform":
+        reshape = nn.Flatten()
+    else:
+        bins = getattr(model.config, "num_mel_bins", cfg.n_mels)
+        if bins != cfg.n_mels:
+            raise ValueError(f"{cfg.pretrained} expects n_mels={bins}, the data has {cfg.n_mels}")
+        reshape = _FramesFirst(getattr(model.config, "max_length", cfg.num_frames))
+    standardise = nn.GroupNorm(1, 1, affine=False)
+    body = nn.Sequential(standardise, reshape, hf.HFBody(model, "input_values"))
+    return Tower(
+        _Prepare(cfg.representation == "waveform", cfg.augment),
+        body,
+        mlp_head(hf.hidden_size(model), embed_dim),
+    )
+
+
 def build_encoder(cfg: Config, embed_dim: int) -> nn.Module:
+    if cfg.encoder == "hf":
+        return _build_hf(cfg, embed_dim)
     waveform = cfg.representation == "waveform"
     body = nn.Sequential(
         nn.BatchNorm1d(1) if waveform else nn.BatchNorm2d(1),

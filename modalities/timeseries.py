@@ -17,7 +17,15 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
-from modalities.layers import Tower, conv_tower, mlp_head, random_gain, random_roll
+from modalities.layers import (
+    PatchTransformer,
+    Tower,
+    check_encoder_fields,
+    conv_tower,
+    mlp_head,
+    random_gain,
+    random_roll,
+)
 
 PRESETS = {
     "ecg": {"channels": 12, "length": 5000, "scaling": "minmax"},  # Symile-MIMIC: 12 leads
@@ -39,8 +47,15 @@ class Config(ModalityConfig):
     scaling: Literal["zscore", "minmax"] = Field(
         "zscore", description="Per-channel normalisation: z-score or min-max to [-1, 1]."
     )
-    encoder: Literal["cnn"] = Field("cnn", description="Encoder tower architecture.")
-    width: int = Field(32, ge=4, description="Channels of the first conv stage.")
+    encoder: Literal["cnn", "transformer"] = Field(
+        "cnn", description="'cnn' (1-D conv net) or 'transformer' (patches + self-attention)."
+    )
+    width: int = Field(
+        32, ge=4, description="cnn: channels of the first stage; transformer: model width."
+    )
+    depth: int = Field(2, ge=1, description="transformer: encoder layers.")
+    heads: int = Field(4, ge=1, description="transformer: attention heads (must divide width).")
+    patch_size: int = Field(10, ge=1, description="transformer: samples per patch token.")
     augment: bool = Field(
         True, description="Training-time time shifts, gain and noise (fights memorising)."
     )
@@ -51,6 +66,13 @@ class Config(ModalityConfig):
         if isinstance(data, dict) and data.get("preset") in PRESETS:
             return {**PRESETS[data["preset"]], **data}
         return data
+
+    @model_validator(mode="after")
+    def _check_encoder(self) -> Config:
+        check_encoder_fields(self)
+        if self.encoder == "transformer" and self.patch_size > self.length:
+            raise ValueError(f"patch_size={self.patch_size} exceeds length={self.length}")
+        return self
 
 
 def output_spec(cfg: Config) -> Spec:
@@ -134,6 +156,11 @@ class _Prepare(nn.Module):
 
 
 def build_encoder(cfg: Config, embed_dim: int) -> nn.Module:
+    if cfg.encoder == "transformer":
+        body = PatchTransformer(
+            cfg.channels, cfg.length, cfg.patch_size, cfg.width, cfg.depth, cfg.heads
+        )
+        return Tower(_Prepare(cfg.augment), body, mlp_head(cfg.width, embed_dim))
     return Tower(
         _Prepare(cfg.augment),
         conv_tower(1, cfg.channels, cfg.width),

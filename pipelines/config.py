@@ -61,6 +61,10 @@ class ModelConfig(_Section):
     normalize: Literal["l2", "layernorm"] = Field(
         "l2", description="Output normalisation of every tower."
     )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Data columns whose towers stay locked (LiT): no gradient, eval mode.",
+    )
 
 
 class TrainConfig(_Section):

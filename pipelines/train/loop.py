@@ -35,6 +35,7 @@ def build_model(config: dict[str, Any]) -> ChorusModel:
         normalize=config["model"]["normalize"],
         init_logit_scale=objective.init_logit_scale,
         init_logit_bias=objective.init_logit_bias,
+        freeze=config["model"].get("freeze", []),  # absent from pre-freeze checkpoints
     )
 
 

@@ -4,6 +4,10 @@
 exactly what every objective takes. Rows where a column is absent get that column's learned
 "missing" embedding instead of the tower's output (REFERENCES 1.2: placeholder + indicator),
 so objectives see every row and nothing mis-aligns.
+
+``freeze`` locks whole towers (LiT, "locked-image tuning"): their parameters get no gradient
+and they stay in eval mode (no dropout, no augmentation) even while the model trains. Their
+"missing" embeddings, the logit scale/bias and the other towers still learn.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ class ChorusModel(nn.Module):
         normalize: str = "l2",
         init_logit_scale: float = 2.6593,
         init_logit_bias: float | None = None,
+        freeze: list[str] | tuple[str, ...] = (),
     ):
         super().__init__()
+        if unknown := set(freeze) - set(columns):
+            raise ValueError(f"cannot freeze {sorted(unknown)}: not columns of this model")
         self.columns = columns
+        self.frozen = list(freeze)
         self.configs = {
             name: registry.get(spec["kind"]).Config.model_validate(spec)
             for name, spec in columns.items()
@@ -52,6 +60,15 @@ class ChorusModel(nn.Module):
             if init_logit_bias is not None
             else None
         )
+        for name in self.frozen:
+            self.towers[name].requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> ChorusModel:
+        super().train(mode)
+        for name in self.frozen:  # locked towers behave as at inference, always
+            self.towers[name].eval()
+        return self
 
     def input_columns(self, name: str) -> dict[str, str]:
         """Dataset columns (suffix -> column) that tower ``name`` reads."""
@@ -88,7 +105,9 @@ class ChorusModel(nn.Module):
         for module_name, module in self.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
                 full = f"{module_name}.{param_name}" if module_name else param_name
-                is_norm = isinstance(module, nn.LayerNorm | nn.BatchNorm1d | nn.BatchNorm2d)
+                is_norm = isinstance(
+                    module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._BatchNorm
+                )
                 if param.ndim < 2 or is_norm or isinstance(module, nn.Embedding):
                     names.add(full)
         return names
