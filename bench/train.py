@@ -70,7 +70,7 @@ def train_case(store: str, dataset_id: str, epochs: int, overrides: list[str]) -
     from pipelines.config import load
     from pipelines.dataset import DatasetVersion
     from pipelines.train.launch import train
-    from storage import fs, uris
+    from storage import fs
     from storage.artefacts import Store
 
     shutil.rmtree(Path(store) / "runs", ignore_errors=True)  # never resume a previous run
@@ -83,7 +83,7 @@ def train_case(store: str, dataset_id: str, epochs: int, overrides: list[str]) -
     started = time.perf_counter()
     result = train(dataset_id, cfg)
     wall = time.perf_counter() - started
-    text = fs.read_bytes(uris.join(result["checkpoint"], "metrics.jsonl")).decode()
+    text = fs.read_bytes(result["metrics_uri"]).decode()
     windows = [json.loads(line) for line in text.splitlines() if line.strip()]
     steady = windows[1:]
     if not steady:

@@ -78,6 +78,20 @@ class Modality(Protocol):
     def dummy_batch(self, cfg: Any, n: int) -> dict[str, np.ndarray]: ...
 
 
+# Fields of a column's config that shape its tower, not its stored data: a dataset version
+# is independent of them, and training takes them from the current config.
+TOWER_FIELDS = frozenset(
+    {"encoder", "pretrained", "width", "depth", "heads", "patch_size", "augment"}
+)
+
+
+def with_tower_settings(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A dataset column's stored config with the tower fields of ``current`` (same kind)."""
+    if current.get("kind") != stored.get("kind"):
+        return dict(stored)
+    return stored | {k: v for k, v in current.items() if k in TOWER_FIELDS}
+
+
 def column_name(column: str, suffix: str) -> str:
     """The dataset column holding ``suffix`` of modality column ``column``."""
     return column if not suffix else f"{column}__{suffix}"

@@ -79,7 +79,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up before cosine decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     seed: int = Field(0, description="Seed for weights, shuffling and negative sampling.")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in-process).")
+    num_workers: int = Field(
+        1, ge=0, description="Ray Train workers (0 = in-process: no persisted checkpoints)."
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker requests.")
     torch_threads: int | None = Field(
         None,
@@ -88,8 +90,25 @@ class TrainConfig(_Section):
         "materialised training split leaves Ray Data idle while the loop runs).",
     )
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many steps (default: epochs x steps per epoch)."
+    )
     checkpoint_every: int = Field(
-        5, ge=1, description="Epochs between checkpoints (the last epoch always saves)."
+        100, ge=1, description="Steps between checkpoints (the last step always saves)."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept: the best by `keep_by`, plus always the latest."
+    )
+    keep_by: Literal["latest", "val_loss"] = Field(
+        "val_loss",
+        description="Rank checkpoints by recency or by loss on the 'val' split (computed at "
+        "each checkpoint); evaluation uses the best one.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast dtype of the forward pass (fp16 needs a GPU)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where workers train: 'auto' uses GPUs when the Ray cluster has them."
     )
     cache_dataset: bool = Field(
         True, description="Materialise the training split in Ray's object store once per run."

@@ -38,7 +38,29 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_worker_logs"},
     )
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker of a local instance started by :func:`ensure_ray`.
+
+    Without the dashboard (which we do not start locally) Ray Train's placement-group
+    cleaner cannot reach the state API and warns about it every few seconds, for the whole
+    run: hundreds of identical lines that bury the progress. Only that message is dropped.
+    """
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).addFilter(_DropMessage("Failed to query Ray Train Controller actor state"))
 
 
 def available_cpus() -> int:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from modalities.base import with_tower_settings
 from pipelines.config import ChorusConfig, to_dict
 from pipelines.dataset import DatasetVersion
-from pipelines.train.loop import METRICS_FILE, build_model, train_loop_per_worker
+from pipelines.train.loop import METRICS_FILE, STATE_FILE, build_model, train_loop_per_worker
 from storage import fs, uris
 from storage.artefacts import Store
 from storage.lineage import LineageRecord, digest_of
@@ -19,7 +20,11 @@ from storage.lineage import LineageRecord, digest_of
 def run_config_for(
     dataset: DatasetVersion, cfg: ChorusConfig, objective: str, options: dict[str, Any]
 ) -> dict[str, Any]:
-    """The JSON config the loop receives and every checkpoint carries."""
+    """The JSON config the loop receives and every checkpoint carries.
+
+    Columns are the dataset's (what its shards hold) with the tower settings of ``cfg``, so
+    one dataset version trains with any encoder.
+    """
     settings = to_dict(cfg)
     steps_per_epoch = dataset.split_size("train") // cfg.train.batch_size
     if steps_per_epoch < 1:
@@ -27,14 +32,30 @@ def run_config_for(
             f"train.batch_size={cfg.train.batch_size} exceeds the "
             f"{dataset.split_size('train')} training rows of {dataset.id}"
         )
+    workers = max(1, cfg.train.num_workers)
+    if cfg.train.batch_size % workers:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by "
+            f"train.num_workers={cfg.train.num_workers}"
+        )
+    val_rows = dataset.split_size("val")
+    if cfg.train.keep_by == "val_loss" and val_rows < 2 * workers:
+        raise ValueError(
+            f"train.keep_by=val_loss needs a 'val' split of at least {2 * workers} rows; "
+            f"{dataset.id} has {val_rows} (set train.keep_by=latest)"
+        )
     return {
         "dataset_id": dataset.id,
-        "columns": dataset.columns,
+        "columns": {
+            name: with_tower_settings(stored, settings["data"]["columns"].get(name, {}))
+            for name, stored in dataset.columns.items()
+        },
         "model": settings["model"],
         "train": settings["train"],
         "objective": objective,
         "objective_options": options,
         "steps_per_epoch": steps_per_epoch,
+        "val_rows": val_rows,
     }
 
 
@@ -48,7 +69,8 @@ def train(
     objective: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one model; returns ``{"run", "checkpoint", "metrics"}`` (URIs in the store).
+    """Train one model; returns the run name, checkpoint URIs (``checkpoint`` is the one to
+    evaluate: the best by ``train.keep_by``), the full curve's ``metrics_uri`` and final metrics.
 
     ``objective`` defaults to ``train.objective`` with ``train.objective_options``.
     """
@@ -64,33 +86,49 @@ def train(
     config = run_config_for(dataset, cfg, objective, options or {})
     name = run_name_for(config)
     ensure_ray()
+    use_gpu = _use_gpu(cfg.train.device)
+    if cfg.train.precision == "fp16" and not use_gpu:
+        raise ValueError("train.precision=fp16 needs a GPU; use bf16 on CPUs")
     model_columns = build_model(config).tensor_columns()
-    train_split = dataset.read("train", model_columns)
+    datasets = {"train": dataset.read("train", model_columns)}
     if cfg.train.cache_dataset:  # read the shards once, not once per epoch
-        train_split = train_split.materialize()
+        datasets["train"] = datasets["train"].materialize()
+    if cfg.train.keep_by == "val_loss":
+        datasets["val"] = dataset.read("val", model_columns).materialize()
     storage_fs, storage_path = fs.filesystem(store.uri("runs"))
+    by_val = cfg.train.keep_by == "val_loss"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_loss" if by_val else None,
+                checkpoint_score_order="min",
+            ),
             failure_config=ray.train.FailureConfig(max_failures=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress line
         ),
-        datasets={"train": train_split},
+        datasets=datasets,
     )
     result = trainer.fit()
-    checkpoint_uri = fs.to_uri(store.root, result.checkpoint.path)
-    metrics = fs.read_bytes(uris.join(checkpoint_uri, METRICS_FILE))
-    fs.write_bytes(uris.join(store.run_uri(name), METRICS_FILE), metrics)
+    latest_uri = fs.to_uri(store.root, result.checkpoint.path)
+    checkpoint_uri = fs.to_uri(store.root, _best(result, by_val).path)
+    # The latest checkpoint holds the whole curve; the best one only the curve up to it.
+    metrics_uri = uris.join(store.run_uri(name), METRICS_FILE)
+    fs.write_bytes(metrics_uri, fs.read_bytes(uris.join(latest_uri, METRICS_FILE)))
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    if by_val:
+        best_metrics = fs.read_json(uris.join(checkpoint_uri, STATE_FILE))
+        final["best_step"] = best_metrics["step"]
     store.record(
         LineageRecord(
             id=name,
@@ -101,4 +139,27 @@ def train(
             metrics=final,
         )
     )
-    return {"run": name, "checkpoint": checkpoint_uri, "metrics": final}
+    return {
+        "run": name,
+        "checkpoint": checkpoint_uri,
+        "latest_checkpoint": latest_uri,
+        "metrics_uri": metrics_uri,
+        "metrics": final,
+    }
+
+
+def _best(result, by_val: bool):
+    """The checkpoint with the lowest val_loss among those kept (else the latest)."""
+    scored = [(m["val_loss"], c) for c, m in result.best_checkpoints or [] if "val_loss" in m]
+    if not by_val or not scored:
+        return result.checkpoint
+    return min(scored, key=lambda pair: pair[0])[1]
+
+
+def _use_gpu(device: str) -> bool:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cuda" and not gpus:
+        raise ValueError("train.device=cuda but the Ray cluster has no GPUs")
+    return device == "cuda" or (device == "auto" and gpus > 0)

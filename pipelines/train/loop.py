@@ -1,14 +1,19 @@
 """The training loop: setup -> steps -> report/checkpoint, one readable function.
 
 ``train_loop_per_worker(config)`` runs inside each Ray Train worker (or in-process with
-``num_workers=0``). It reads its shard of the Parquet dataset with ``iter_torch_batches``;
-global negatives across workers are the objective's business (``pipelines.train.objectives``).
-A checkpoint is a folder: ``model.pt`` + ``optimizer.pt`` + ``state.json`` (step, epoch)
-+ ``config.json`` (enough to rebuild the model) + ``metrics.jsonl`` (the curve so far).
+``num_workers=0``, where Ray Train keeps no checkpoints). It reads its shard of the Parquet
+dataset with ``iter_torch_batches``; global negatives across workers are the objective's
+business (``pipelines.train.objectives``).
+A checkpoint (every ``train.checkpoint_every`` steps and at the end) is a folder:
+``model.pt`` + ``optimizer.pt`` (optimizer, scheduler, grad scaler) + ``state.json`` (step,
+epoch, and the data position: batches already consumed in that epoch) + ``config.json``
+(enough to rebuild the model) + ``metrics.jsonl`` (the curve so far). torch's RNG is reseeded
+from (seed, rank, step) at every checkpoint, so a resumed run continues as the original did.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipelines.train.model import ChorusModel
@@ -76,24 +82,22 @@ def _unwrap(model: torch.nn.Module) -> ChorusModel:
     return getattr(model, "module", model)
 
 
-def _save(directory: Path, model, optimizer, scheduler, state, config, history) -> None:
+def _save(directory: Path, model, stateful: dict, state, config, history) -> None:
+    """``stateful``: objects with ``state_dict`` (optimizer, scheduler, grad scaler)."""
     torch.save(_unwrap(model).state_dict(), directory / MODEL_FILE)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-        directory / OPTIMIZER_FILE,
-    )
+    torch.save({k: v.state_dict() for k, v in stateful.items()}, directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(state))
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     (directory / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in history))
 
 
-def _restore(checkpoint, model, optimizer, scheduler) -> tuple[dict, list[dict]]:
+def _restore(checkpoint, model, stateful: dict) -> tuple[dict, list[dict]]:
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
         _unwrap(model).load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu"))
         saved = torch.load(directory / OPTIMIZER_FILE, map_location="cpu")
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        for key, obj in stateful.items():
+            obj.load_state_dict(saved[key])
         state = json.loads((directory / STATE_FILE).read_text())
         history = [json.loads(line) for line in (directory / METRICS_FILE).read_text().splitlines()]
     return state, history
@@ -112,75 +116,154 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     objective = get_objective(config["objective"], **config["objective_options"])
     model = ray.train.torch.prepare_model(build_model(config))
-    device = next(model.parameters()).device
+    device = ray.train.torch.get_device()
     optimizer = _optimizer(_unwrap(model), train)
-    total_steps = train["epochs"] * config["steps_per_epoch"]
-    scheduler = _schedule(optimizer, train["warmup_steps"], total_steps)
-    state, history = {"step": 0, "epoch": 0, "resumed_from_step": 0}, []
+    total = total_steps(config)
+    scheduler = _schedule(optimizer, train["warmup_steps"], total)
+    precision = Precision(train["precision"], device)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "scaler": precision.scaler}
+    state, history = {"step": 0, "epoch": 0, "epoch_step": 0, "resumed_from_step": 0}, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
-        state, history = _restore(checkpoint, model, optimizer, scheduler)
+        state, history = _restore(checkpoint, model, stateful)
         state["resumed_from_step"] = state["step"]
+        _reseed(train["seed"], rank, state["step"])
         if rank == 0:
             print(f"resuming at step {state['step']} (epoch {state['epoch']})", file=sys.stderr)
 
     shard = ray.train.get_dataset_shard("train")
-    local_batch = train["batch_size"] // world
+    local_batch, per_epoch = train["batch_size"] // world, config["steps_per_epoch"]
     names = list(config["columns"])
-    while state["epoch"] < train["epochs"]:
+    while state["step"] < total:
         model.train()
         batches = shard.iter_torch_batches(
             batch_size=local_batch,
             drop_last=True,
             device=device,
+            pin_memory=device.type == "cuda",
             local_shuffle_buffer_size=4 * local_batch,
             local_shuffle_seed=train["seed"] + 1000 * state["epoch"] + rank,
         )
-        waited, in_window = 0.0, 0  # a log window restarts at every epoch (checkpoints between)
+        # The data position: a resumed epoch replays its reader up to the checkpointed batch.
+        remaining = itertools.islice(batches, state["epoch_step"], per_epoch)
+        waited, in_window = 0.0, 0  # a log window restarts at every epoch
         window = tick = time.perf_counter()
-        for batch in batches:
+        for batch in remaining:
             waited += time.perf_counter() - tick
-            out = model(batch)
-            present = {name: batch[f"{name}_present"] for name in names}
-            terms = objective(
-                out["features"], out["logit_scale"], present, logit_bias=out.get("logit_bias")
-            )
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
-            optimizer.step()
+            terms, grad_norm = _step(model, objective, optimizer, precision, batch, train)
             scheduler.step()
-            if objective.max_logit_scale is not None:
-                with torch.no_grad():
-                    _unwrap(model).logit_scale.clamp_(0, objective.max_logit_scale)
             state["step"] += 1
+            state["epoch_step"] += 1
+            if state["epoch_step"] == per_epoch:
+                state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
             in_window += 1
             if state["step"] % train["log_every"] == 0:
                 step_s = (time.perf_counter() - window) / in_window
-                metrics = _metrics(
-                    state, terms, optimizer, step_s, waited / in_window, train, world
-                )
+                timing = {"step_s": step_s, "data_wait_s": waited / in_window}
+                metrics = _metrics(state, terms, grad_norm, optimizer, timing, train, world)
                 history.append(metrics)
                 ray.train.report(metrics)
                 if rank == 0:
-                    print(_progress_line(metrics, total_steps), file=sys.stderr, flush=True)
+                    print(_progress_line(metrics, total), file=sys.stderr, flush=True)
                 waited, in_window, window = 0.0, 0, time.perf_counter()
+            if state["step"] % train["checkpoint_every"] == 0 or state["step"] == total:
+                started = time.perf_counter()
+                val = _validation_loss(model, objective, config, device, world, names)
+                _checkpoint(model, stateful, state, config, history, val)
+                _reseed(train["seed"], rank, state["step"])  # a resumed run draws the same
+                window += time.perf_counter() - started  # step times exclude checkpointing
+            if state["step"] == total:
+                break
             tick = time.perf_counter()
-        state["epoch"] += 1
-        if state["epoch"] % train["checkpoint_every"] == 0 or state["epoch"] == train["epochs"]:
-            _checkpoint(model, optimizer, scheduler, state, config, history, rank)
+        if state["epoch_step"]:  # the shard ran out before steps_per_epoch batches
+            state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
 
 
-def _metrics(state, terms, optimizer, step_s, wait_s, train, world) -> dict[str, Any]:
-    scalars = {k: float(v.detach()) for k, v in terms.items() if torch.is_tensor(v) and v.ndim == 0}
+def total_steps(config: dict[str, Any]) -> int:
+    train = config["train"]
+    total = train["epochs"] * config["steps_per_epoch"]
+    return min(total, train["max_steps"]) if train["max_steps"] else total
+
+
+class Precision:
+    """Autocast of the forward pass and, for fp16, a gradient scaler (no-ops for fp32)."""
+
+    def __init__(self, name: str, device: torch.device):
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        self.device_type, self.dtype = device.type, dtype
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def _step(model, objective, optimizer, precision, batch, train):
+    """One optimisation step; returns the objective's terms and the pre-clip gradient norm."""
+    with precision.autocast():
+        out = model(batch)
+    # Objectives run outside autocast: they upcast features and need fp32 logsumexps.
+    present = {name: batch[f"{name}_present"] for name in out["features"]}
+    terms = objective(
+        out["features"], out["logit_scale"], present, logit_bias=out.get("logit_bias")
+    )
+    optimizer.zero_grad(set_to_none=True)
+    precision.scaler.scale(terms["loss"]).backward()
+    precision.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    if objective.max_logit_scale is not None:
+        with torch.no_grad():
+            _unwrap(model).logit_scale.clamp_(0, objective.max_logit_scale)
+    return terms, grad_norm
+
+
+def _reseed(seed: int, rank: int, step: int) -> None:
+    """Seed torch from (seed, rank, step), so randomness after a checkpoint is reproducible."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+@torch.no_grad()
+def _validation_loss(model, objective, config, device, world, names) -> float | None:
+    """Mean objective loss over the 'val' shard (None when checkpoints are kept by recency)."""
+    import ray.train
+
+    from pipelines.train.distributed import all_reduce_sum
+
+    if config["train"]["keep_by"] != "val_loss":
+        return None
+    local_batch = min(config["train"]["batch_size"], config["val_rows"]) // world
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for batch in ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=local_batch, drop_last=True, device=device
+    ):
+        out = model(batch)
+        present = {name: batch[f"{name}_present"] for name in names}
+        loss = objective(
+            out["features"], out["logit_scale"], present, logit_bias=out.get("logit_bias")
+        )["loss"]
+        total += torch.tensor([float(loss) * local_batch, local_batch], dtype=torch.float64)
+    loss_sum, rows = all_reduce_sum(total).tolist()
+    model.train()
+    return loss_sum / rows if rows else None
+
+
+def _metrics(state, terms, grad_norm, optimizer, timing, train, world) -> dict[str, Any]:
+    """One log step's metrics; loss terms are averaged over ranks (each holds its local loss)."""
+    from pipelines.train.distributed import all_reduce_sum
+
+    keys = [k for k, v in terms.items() if torch.is_tensor(v) and v.ndim == 0]
+    values = torch.stack([terms[k].detach().float().cpu() for k in keys])
+    values = all_reduce_sum(values) / world
     return {
         "step": state["step"],
         "epoch": state["epoch"],
-        **scalars,
+        **dict(zip(keys, values.tolist(), strict=True)),
+        "grad_norm": float(grad_norm),
         "lr": optimizer.param_groups[0]["lr"],
-        "step_s": step_s,
-        "data_wait_s": wait_s,
-        "samples_per_s": train["batch_size"] / step_s,
-        "samples_per_s_per_worker": train["batch_size"] / step_s / world,
+        **timing,
+        "samples_per_s": train["batch_size"] / timing["step_s"],
+        "samples_per_s_per_worker": train["batch_size"] / timing["step_s"] / world,
     }
 
 
@@ -192,13 +275,15 @@ def _progress_line(metrics: dict[str, Any], total: int) -> str:
     )
 
 
-def _checkpoint(model, optimizer, scheduler, state, config, history, rank) -> None:
+def _checkpoint(model, stateful, state, config, history, val) -> None:
     import ray.train
 
     metrics = {**(history[-1] if history else {}), **state}
+    if val is not None:
+        metrics["val_loss"] = val
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if rank == 0:
-            _save(Path(directory), model, optimizer, scheduler, state, config, history)
+        if ray.train.get_context().get_world_rank() == 0:
+            _save(Path(directory), model, stateful, state, config, history)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)

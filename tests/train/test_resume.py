@@ -1,5 +1,5 @@
 """A training worker killed between checkpoints: Ray Train restarts it from the last
-checkpoint and the run finishes with one continuous step counter and loss curve."""
+checkpoint and the run finishes with one continuous step counter, loss curve and epochs."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _kill_train_worker() -> int:
 @pytest.mark.slow
 def test_killed_worker_resumes_from_its_last_checkpoint(ingested):
     base_cfg, manifest = ingested
-    overrides = [f"store={base_cfg.store}", "train.epochs=8", "train.checkpoint_every=1"]
+    overrides = [f"store={base_cfg.store}", "train.epochs=8", "train.checkpoint_every=2"]
     cfg = load("debug", None, overrides)
     dataset = DatasetVersion.open(Store.open(cfg.store), manifest["id"])
     config = run_config_for(dataset, cfg, cfg.train.objective, cfg.train.objective_options)
@@ -79,7 +79,11 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ingested):
     assert outcome["metrics"]["step"] == total
     history = [
         json.loads(line)
-        for line in (Path(outcome["checkpoint"]) / METRICS_FILE).read_text().splitlines()
+        for line in (Path(outcome["latest_checkpoint"]) / METRICS_FILE).read_text().splitlines()
     ]
     steps = [h["step"] for h in history]
     assert steps == sorted(set(steps)) and steps[-1] == total  # one continuous curve
+    # Epoch accounting survives too: checkpoints fall mid-epoch (every 2 steps, 3 per
+    # epoch) and the checkpoint carries the position within the epoch.
+    per_epoch = config["steps_per_epoch"]
+    assert per_epoch % 2 and all(h["epoch"] == h["step"] // per_epoch for h in history)
