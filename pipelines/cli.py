@@ -120,7 +120,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     result = evaluate(args.checkpoint, args.dataset, cfg)
-    _emit(args, result, f"{result['evaluation']}: {report.headline(result)}")
+    lines = [f"{result['evaluation']}: {report.headline(result)}"]
+    lines += report.sweep_lines({result["objective"]: result}) + [f"stored: {result['uri']}"]
+    _emit(args, result, "\n".join(lines))
     return 0
 
 

@@ -122,6 +122,24 @@ class EvalConfig(_Section):
         None, description="Modalities forming the query (default: all others)."
     )
     bootstrap: int = Field(10, ge=0, description="Bootstrap resamples for the spread.")
+    sweep: bool = Field(
+        True, description="Also evaluate every target x every non-empty subset of the others."
+    )
+    k_candidates: int = Field(
+        10, ge=2, description="K-candidate protocol: 1 positive + K-1 random negatives."
+    )
+    reference_split: str | None = Field(
+        "val",
+        description="Split whose embeddings give the zero-shot class prototypes (with a "
+        "label column) and the modality means used by `marginalise` (null: no zero-shot, "
+        "means of the evaluated split). Not train: memorised pairs leak labels into "
+        "train-split prototypes of modalities that carry none.",
+    )
+    marginalise: bool = Field(
+        True,
+        description="Score a query subset as the full score averaged over the modalities "
+        "left out (their mean embedding); false: the objective's score on the subset alone.",
+    )
 
 
 class DemoConfig(_Section):
@@ -146,11 +164,18 @@ class ChorusConfig(_Section):
         from pipelines.train.objectives import get_objective
 
         columns = set(self.data.columns)
+        if unknown := set(self.model.freeze) - columns:
+            _fail("model.freeze", f"{sorted(unknown)} are not data columns")
         if self.evaluate.target not in columns:
             _fail("evaluate.target", f"{self.evaluate.target!r} is not a data column")
-        unknown = set(self.evaluate.query or []) - columns
+        query = self.evaluate.query
+        unknown = set(query or []) - columns
         if unknown:
             _fail("evaluate.query", f"{sorted(unknown)} are not data columns")
+        if query is not None and (not query or len(set(query)) < len(query)):
+            _fail("evaluate.query", f"{query} must be non-empty without repeats")
+        if self.evaluate.target in (query or []):
+            _fail("evaluate.query", f"must not contain the target {self.evaluate.target!r}")
         checks = {"train.objective": (self.train.objective, self.train.objective_options)}
         checks |= {f"demo.objectives.{n}": (n, o) for n, o in self.demo.objectives.items()}
         for field, (name, options) in checks.items():

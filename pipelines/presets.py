@@ -32,6 +32,9 @@ def demo() -> dict[str, Any]:
             "batch_size": 128,
             "lr": 2e-3,
         },
+        # The acceptance task: the image's digit is fixed by text and audio jointly, by
+        # neither alone, so only a higher-order score can retrieve it (the sweep has the rest).
+        "evaluate": {"target": "image", "query": ["text", "audio"]},
         "demo": {"objectives": {"symile": dict(SYMILE), "clip": {"mode": "all_pairs"}}},
     }
 

@@ -1,9 +1,18 @@
-"""The end-to-end report: objectives compared as text, Markdown, JSON and PNG plots."""
+"""The end-to-end report: objectives compared as text, Markdown, JSON and PNG plots.
+
+Inputs are what :func:`pipelines.train.evaluate.evaluate` returns per objective (the headline
+task plus, optionally, the sweep over targets and query sets) and each run's
+``metrics.jsonl`` (loss and logit scale per logged step). Outputs, in the store under
+``reports/<id>/``: ``summary.json``, ``report.md``, ``comparison.png`` (headline metrics
+with bootstrap error bars), ``sweep.png`` (heatmaps per target and query set) and
+``training.png`` (loss and logit scale curves).
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 from pipelines.config import ChorusConfig, to_dict
@@ -11,28 +20,139 @@ from storage import fs, uris
 from storage.artefacts import Store
 from storage.lineage import LineageRecord, digest_of
 
-COLUMNS = ("class_accuracy", "class_chance", "R@1", "R@5", "R@10", "mrr", "R@1_chance")
+# (metric, its chance, short name); K-candidate keys carry K, so "K" stands for them here.
+HEADLINE = (
+    ("class_accuracy", "class_chance", "class acc"),
+    ("zero_shot_accuracy", "zero_shot_chance", "zero-shot"),
+    ("K_accuracy", "K_chance", "K-cand"),
+    ("R@1", "R@1_chance", "R@1"),
+)
+EXTRA = ("R@5", "R@10", "mrr", "mean_rank", "median_rank")
+NAMES = {key: name for key, _, name in HEADLINE}
+
+
+def _key(entry: dict[str, Any], key: str) -> str:
+    """The stored name of a metric: "K_accuracy" is stored as e.g. "K10_accuracy"."""
+    if key.startswith("K_"):
+        return f"K{entry.get('k_candidates', 10)}_{key[2:]}"
+    return key
+
+
+def _get(entry: dict[str, Any], key: str) -> Any:
+    return entry.get(_key(entry, key))
+
+
+def _std(entry: dict[str, Any], key: str) -> float | None:
+    return entry.get("bootstrap", {}).get(f"{_key(entry, key)}_std")
+
+
+def _with_std(entry: dict[str, Any], key: str) -> str:
+    value = _get(entry, key)
+    if value is None:
+        return "-"
+    std = _std(entry, key)
+    return f"{value:.3f}" if std is None else f"{value:.3f} ± {std:.3f}"
+
+
+def _task(entry: dict[str, Any]) -> str:
+    return f"{entry['target']} <- {' + '.join(entry['query'])}"
 
 
 def headline(evaluation: dict[str, Any]) -> str:
-    spread = evaluation.get("bootstrap", {}).get("class_accuracy_std")
-    accuracy = f"{evaluation.get('class_accuracy', float('nan')):.3f}"
-    if spread is not None:
-        accuracy += f" ± {spread:.3f}"
-    return f"class accuracy {accuracy}, R@1 {evaluation['R@1']:.3f} (n={evaluation['rows']})"
+    """One line: the headline task's metrics with their bootstrap spread."""
+    parts = [
+        f"{name} {_with_std(evaluation, key)}"
+        for key, _, name in HEADLINE
+        if _get(evaluation, key) is not None
+    ]
+    return f"{_task(evaluation)} (n={evaluation['rows']}): " + ", ".join(parts)
 
 
 def table(evaluations: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per objective: headline metrics, chances and bootstrap spreads."""
     rows = []
     for objective, ev in evaluations.items():
-        row = {"objective": objective, **{c: ev.get(c) for c in COLUMNS}}
-        row["class_accuracy_std"] = ev.get("bootstrap", {}).get("class_accuracy_std")
+        row = {"objective": objective, "k_candidates": ev.get("k_candidates", 10)}
+        for key, chance, _ in HEADLINE:
+            row |= {key: _get(ev, key), chance: _get(ev, chance), f"{key}_std": _std(ev, key)}
+        row |= {key: ev.get(key) for key in EXTRA}
         rows.append(row)
     return rows
 
 
+def _difference(rows: list[dict[str, Any]], key: str) -> str | None:
+    """Symile minus CLIP on ``key`` ± the combined spread of two independent bootstraps."""
+    by_name = {r["objective"]: r for r in rows}
+    if not {"symile", "clip"} <= set(by_name):
+        return None
+    a, b = by_name["symile"], by_name["clip"]
+    if a[key] is None or b[key] is None:
+        return None
+    spread = math.hypot(a[f"{key}_std"] or 0.0, b[f"{key}_std"] or 0.0)
+    return f"{a[key] - b[key]:+.3f} ± {spread:.3f}"
+
+
+def _headline_lines(summary: dict[str, Any]) -> list[str]:
+    rows, shown = summary["table"], _shown(summary)
+    lines = [f"{'objective':<10}" + "".join(f"{n:>16}" for _, _, n in shown) + f"{'MRR':>8}"]
+    for row in rows:
+        cells = "".join(f"{_cell(row, k):>16}" for k, _, _ in shown)
+        lines.append(f"{row['objective']:<10}{cells}{_num(row['mrr']):>8}")
+    lines.append(f"{'chance':<10}" + "".join(f"{_num(rows[0][c]):>16}" for _, c, _ in shown))
+    if diffs := [f"{n} {d}" for k, _, n in shown if (d := _difference(rows, k))]:
+        lines.append("symile - clip: " + ", ".join(diffs))
+    return lines
+
+
+def _shown(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The headline metrics that at least one objective has."""
+    return [m for m in HEADLINE if any(row[m[0]] is not None for row in summary["table"])]
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    if row[key] is None:
+        return "-"
+    std = row[f"{key}_std"]
+    return f"{row[key]:.3f}" if std is None else f"{row[key]:.3f} ± {std:.3f}"
+
+
+def sweep_metric(evaluations: dict[str, dict[str, Any]]) -> str:
+    """The class-level metric the sweep is shown in: zero-shot, else class accuracy, else R@1."""
+    entries = [e for ev in evaluations.values() for e in ev.get("sweep", [])]
+    for key in ("zero_shot_accuracy", "class_accuracy"):
+        if any(key in e for e in entries):
+            return key
+    return "R@1"
+
+
+def sweep_lines(evaluations: dict[str, dict[str, Any]]) -> list[str]:
+    """The sweep as a compact text table: one line per target and query set."""
+    sweeps = {o: ev["sweep"] for o, ev in evaluations.items() if ev.get("sweep")}
+    if not sweeps:
+        return []
+    metric = sweep_metric(evaluations)
+    shown = [metric] if metric == "R@1" else [metric, "R@1"]
+    lines = [
+        f"sweep on the {next(iter(evaluations.values()))['split']} split: "
+        f"{' / '.join(NAMES[m] for m in shown)} per target and query set{_averaged(sweeps)}",
+        f"{'target':<12}{'query':<28}{'rows':>6}" + "".join(f"{o:>16}" for o in sweeps),
+    ]
+    first = next(iter(sweeps.values()))
+    for i, entry in enumerate(first):
+        cells = [" / ".join(_num(s[i].get(m)) for m in shown) for s in sweeps.values()]
+        lines.append(
+            f"{entry['target']:<12}{'+'.join(entry['query']):<28}{entry['rows']:>6}"
+            + "".join(f"{c:>16}" for c in cells)
+        )
+    return lines
+
+
 def render(summary: dict[str, Any]) -> str:
-    """Plain-text table for the terminal."""
+    """Plain-text tables for the terminal: the headline, then the sweep."""
     first = next(iter(summary["evaluations"].values()))
     lines = [
         f"dataset {summary['dataset']['id']}: {summary['dataset']['rows']} rows, "
@@ -40,65 +160,133 @@ def render(summary: dict[str, Any]) -> str:
         f"task: retrieve {first['target']} given {' + '.join(first['query'])} "
         f"on the {first['split']} split ({first['rows']} rows)",
         "",
-        f"{'objective':<10} {'class acc':>16} {'chance':>7} {'R@1':>6} {'R@5':>6} {'R@10':>6} "
-        f"{'MRR':>6}",
+        *_headline_lines(summary),
     ]
-    for row in summary["table"]:
-        acc = f"{row['class_accuracy']:.3f}"
-        if row["class_accuracy_std"] is not None:
-            acc += f" ± {row['class_accuracy_std']:.3f}"
-        lines.append(
-            f"{row['objective']:<10} {acc:>16} {row['class_chance']:>7.3f} {row['R@1']:>6.3f} "
-            f"{row['R@5']:>6.3f} {row['R@10']:>6.3f} {row['mrr']:>6.3f}"
-        )
+    if sweep := sweep_lines(summary["evaluations"]):
+        lines += ["", *sweep]
     lines += ["", f"report: {summary['uri']}"]
     return "\n".join(lines)
 
 
 def _markdown(summary: dict[str, Any]) -> str:
-    header = "| objective | class acc | ± | chance | R@1 | R@5 | R@10 | MRR |"
-    lines = ["# chorus end-to-end report", "", header, "|" + "---|" * 8]
-    for r in summary["table"]:
-        std = "" if r["class_accuracy_std"] is None else f"{r['class_accuracy_std']:.3f}"
-        lines.append(
-            f"| {r['objective']} | {r['class_accuracy']:.3f} | {std}"
-            f" | {r['class_chance']:.3f} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f}"
-            f" | {r['mrr']:.3f} |"
-        )
-    lines += ["", "![comparison](comparison.png)", "", "![training](training.png)"]
-    lines += ["", f"Dataset `{summary['dataset']['id']}`; runs:"]
+    first, shown = next(iter(summary["evaluations"].values())), _shown(summary)
+    keys = [k for k, _, _ in shown] + ["R@5", "R@10", "mrr"]
+    names = [n for _, _, n in shown] + ["R@5", "R@10", "MRR"]
+    lines = [
+        "# chorus end-to-end report",
+        "",
+        f"Headline: retrieve **{first['target']}** given **{' + '.join(first['query'])}** "
+        f"on the `{first['split']}` split ({first['rows']} rows); ± is the bootstrap standard "
+        f"deviation over {summary['bootstrap']} resamples of the queries.",
+        "",
+        "| objective | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for row in summary["table"]:
+        lines.append(f"| {row['objective']} | " + " | ".join(_md_cell(row, k) for k in keys) + " |")
+    chance = [_num(summary["table"][0][c]) for _, c, _ in shown]
+    lines.append("| chance | " + " | ".join(chance + [""] * 3) + " |")
+    if diffs := [f"{n} {d}" for k, _, n in shown if (d := _difference(summary["table"], k))]:
+        lines += ["", "Symile − CLIP (± combined spread): " + ", ".join(diffs) + "."]
+    lines += ["", "![comparison](comparison.png)", "", *_markdown_sweep(summary)]
+    lines += ["## Training", "", "![training](training.png)", ""]
+    lines += [f"Dataset `{summary['dataset']['id']}`; runs:"]
     lines += [f"- `{o}`: `{run['checkpoint']}`" for o, run in summary["runs"].items()]
     return "\n".join(lines) + "\n"
 
 
+def _md_cell(row: dict[str, Any], key: str) -> str:
+    return _cell(row, key) if f"{key}_std" in row else _num(row.get(key))
+
+
+def _averaged(sweeps: dict[str, list[dict[str, Any]]]) -> str:
+    """A note when modalities outside a query were averaged over (their mean embedding)."""
+    if any(e.get("marginalised") for entries in sweeps.values() for e in entries):
+        return " (modalities outside the query: averaged over)"
+    return ""
+
+
+def _markdown_sweep(summary: dict[str, Any]) -> list[str]:
+    evaluations = summary["evaluations"]
+    sweeps = {o: ev["sweep"] for o, ev in evaluations.items() if ev.get("sweep")}
+    if not sweeps:
+        return []
+    metric = sweep_metric(evaluations)
+    shown = [metric] if metric == "R@1" else [metric, "R@1"]
+    header = [f"{o} {NAMES[m]}" for m in shown for o in sweeps]
+    lines = [
+        "## Every target and query set",
+        "",
+        f"Each target given each set of the other modalities{_averaged(sweeps)}.",
+        "",
+        "![sweep](sweep.png)",
+        "",
+        "| target | query | rows | " + " | ".join(header) + " |",
+        "|---" * (len(header) + 3) + "|",
+    ]
+    first = next(iter(sweeps.values()))
+    for i, entry in enumerate(first):
+        cells = [_with_std(s[i], m) for m in shown for s in sweeps.values()]
+        lines.append(
+            f"| {entry['target']} | {' + '.join(entry['query'])} | {entry['rows']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return [*lines, ""]
+
+
 def _run_history(run: dict[str, Any]) -> list[dict[str, Any]]:
-    raw = fs.read_bytes(uris.join(run["checkpoint"], "metrics.jsonl")).decode()
+    raw = fs.read_bytes(run["metrics_uri"]).decode()  # the whole curve, not the best checkpoint's
     return [json.loads(line) for line in raw.splitlines()]
 
 
 def plots(summary: dict[str, Any]) -> dict[str, bytes]:
-    """``comparison.png`` (accuracy with bootstrap spread vs chance) and ``training.png``."""
+    """``comparison.png``, ``training.png`` and, with a sweep, ``sweep.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["table"]
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    axis.bar(
-        [r["objective"] for r in rows],
-        [r["class_accuracy"] for r in rows],
-        yerr=[r["class_accuracy_std"] or 0 for r in rows],
-        capsize=6,
-        color="#4C72B0",
-    )
-    axis.axhline(rows[0]["class_chance"], color="grey", linestyle="--", label="chance")
-    axis.set_ylabel("class accuracy (top-1)")
-    axis.set_ylim(0, 1)
-    axis.legend()
-    axis.set_title("retrieval on the held-out split")
-    images = {"comparison.png": _png(figure)}
+    images = {
+        "comparison.png": _png(_comparison_figure(plt, summary)),
+        "training.png": _png(_training_figure(plt, summary)),
+    }
+    if any(ev.get("sweep") for ev in summary["evaluations"].values()):
+        images["sweep.png"] = _png(_sweep_figure(plt, summary["evaluations"]))
+    plt.close("all")
+    return images
 
+
+def _comparison_figure(plt, summary: dict[str, Any]):
+    """Grouped bars: headline metrics per objective with bootstrap error bars and chance."""
+    rows = summary["table"]
+    metrics = _shown(summary)
+    width = 0.8 / len(rows)
+    figure, axis = plt.subplots(figsize=(1.6 + 1.5 * len(metrics), 3.4))
+    for j, row in enumerate(rows):
+        xs = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(metrics))]
+        axis.bar(
+            xs,
+            [row[k] or 0.0 for k, _, _ in metrics],
+            width,
+            yerr=[row[f"{k}_std"] or 0.0 for k, _, _ in metrics],
+            capsize=4,
+            label=row["objective"],
+        )
+    for i, (_, chance, _) in enumerate(metrics):
+        if rows[0][chance] is not None:
+            axis.hlines(rows[0][chance], i - 0.45, i + 0.45, colors="black", linestyles="--")
+    axis.plot([], [], "k--", label="chance")
+    axis.set_xticks(range(len(metrics)), [n for _, _, n in metrics])
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("accuracy / recall")
+    first = next(iter(summary["evaluations"].values()))
+    axis.set_title(f"{_task(first)} ({first['split']}, n={first['rows']})", fontsize=10)
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _training_figure(plt, summary: dict[str, Any]):
     figure, (loss_axis, scale_axis) = plt.subplots(1, 2, figsize=(9, 3.2))
     for objective, run in summary["runs"].items():
         history = _run_history(run)
@@ -108,9 +296,50 @@ def plots(summary: dict[str, Any]) -> dict[str, bytes]:
     loss_axis.set(xlabel="step", ylabel="loss", title="training loss")
     scale_axis.set(xlabel="step", ylabel="logit scale s", title="learned logit scale")
     loss_axis.legend()
-    images["training.png"] = _png(figure)
-    plt.close("all")
-    return images
+    return figure
+
+
+def _sweep_figure(plt, evaluations: dict[str, dict[str, Any]]):
+    """Heatmaps (query set x target), one column per objective, one row per metric."""
+    import numpy as np
+
+    sweeps = {o: ev["sweep"] for o, ev in evaluations.items() if ev.get("sweep")}
+    metric = sweep_metric(evaluations)
+    shown = [metric] if metric == "R@1" else [metric, "R@1"]
+    entries = next(iter(sweeps.values()))
+    targets = list(dict.fromkeys(e["target"] for e in entries))
+    queries = sorted(
+        {tuple(e["query"]) for e in entries},
+        key=lambda q: (len(q), [targets.index(m) for m in q]),
+    )
+    figure, axes = plt.subplots(
+        len(shown),
+        len(sweeps),
+        figsize=(1.2 + 3.0 * len(sweeps), 0.75 + 0.32 * len(queries) * len(shown)),
+        squeeze=False,
+    )
+    for r, key in enumerate(shown):
+        grids = {o: np.full((len(queries), len(targets)), np.nan) for o in sweeps}
+        for objective, entries in sweeps.items():
+            for e in entries:
+                value = e.get(key)
+                if value is not None:
+                    cell = (queries.index(tuple(e["query"])), targets.index(e["target"]))
+                    grids[objective][cell] = value
+        top = max(float(np.nanmax(g)) if np.isfinite(g).any() else 0.0 for g in grids.values())
+        for c, (objective, grid) in enumerate(grids.items()):
+            axis = axes[r][c]
+            axis.imshow(grid, vmin=0, vmax=top or 1.0, cmap="viridis", aspect="auto")
+            for (i, j), value in np.ndenumerate(grid):
+                if np.isfinite(value):
+                    light = value < 0.6 * (top or 1.0)
+                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                              color="white" if light else "black")  # fmt: skip
+            axis.set_xticks(range(len(targets)), targets, fontsize=8)
+            axis.set_yticks(range(len(queries)), ["+".join(q) for q in queries], fontsize=7)
+            axis.set_title(f"{objective}: {NAMES[key]}", fontsize=9)
+            axis.set_xlabel("target", fontsize=8)
+    return figure
 
 
 def _png(figure) -> bytes:
@@ -126,9 +355,10 @@ def write(
     runs: dict[str, Any],
     evaluations: dict[str, Any],
 ) -> dict[str, Any]:
-    """Store ``summary.json`` + ``report.md`` with a lineage record; returns the summary."""
+    """Store ``summary.json``, ``report.md`` and the plots with a lineage record."""
     store = Store.open(cfg.store)
-    report_id = f"rp-{digest_of(dataset['id'], runs, sorted(evaluations))[:12]}"
+    evaluation_ids = {objective: ev["evaluation"] for objective, ev in evaluations.items()}
+    report_id = f"rp-{digest_of(dataset['id'], runs, evaluation_ids)[:12]}"
     uri = store.uri("reports", report_id)
     summary = {
         "report": report_id,
@@ -136,6 +366,7 @@ def write(
         "dataset": {"id": dataset["id"], **dataset["summary"]} | {"rows": dataset["rows"]},
         "runs": runs,
         "evaluations": evaluations,
+        "bootstrap": cfg.evaluate.bootstrap,
         "table": table(evaluations),
     }
     summary["dataset"]["quarantined"] = dataset["quarantine"]["rows"]

@@ -117,8 +117,5 @@ def test_train_on_ray_train_then_resume_and_evaluate(ingested):
 
     evaluation = evaluate(result["checkpoint"], manifest["id"], cfg)
     assert evaluation["rows"] == manifest["splits"]["test"]
-    assert 0.0 <= evaluation["class_accuracy"] <= 1.0 and evaluation["query"] == [
-        "audio",
-        "text",
-        "timeseries",
-    ]
+    assert 0.0 <= evaluation["class_accuracy"] <= 1.0 and evaluation["query"] == ["text", "audio"]
+    assert 0.0 <= evaluation["zero_shot_accuracy"] <= 1.0 and len(evaluation["sweep"]) == 4 * 7
