@@ -74,6 +74,7 @@ def train(
 
     ``objective`` defaults to ``train.objective`` with ``train.objective_options``.
     """
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -90,6 +91,8 @@ def train(
     if cfg.train.precision == "fp16" and not use_gpu:
         raise ValueError("train.precision=fp16 needs a GPU; use bf16 on CPUs")
     model_columns = build_model(config).tensor_columns()
+    # The loop prints its own progress line; Ray Data's bars would repeat at every epoch.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"train": dataset.read("train", model_columns)}
     if cfg.train.cache_dataset:  # read the shards once, not once per epoch
         datasets["train"] = datasets["train"].materialize()
