@@ -8,11 +8,13 @@ manifest (``manifest.json``) is written last: a dataset without it is incomplete
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -99,6 +101,10 @@ class RecordDecoder:
     """Ray Data callable class: one manifest batch -> preprocessed rows of the good records.
 
     Failures are appended to the quarantine table (one Parquet file per batch with any).
+    Decoding runs on the calling thread, so an actor uses the one CPU it asks for. Only
+    remote reads (S3) go to a thread pool, all of a batch's at once, to overlap their
+    latency; local files are read inline, where threads would only contend for the GIL
+    (8 threads made decoding 1.7x slower per record on local files).
     """
 
     def __init__(
@@ -108,6 +114,7 @@ class RecordDecoder:
         root: str,
         allowed_roots: list[str],
         quarantine_uri: str,
+        fetch_threads: int = 8,
     ):
         self.kinds = {name: spec["kind"] for name, spec in columns.items()}
         self.configs = {
@@ -120,7 +127,8 @@ class RecordDecoder:
         }
         self.root, self.allowed_roots = root, tuple(allowed_roots)
         self.quarantine_uri = quarantine_uri
-        self.pool = ThreadPoolExecutor(max_workers=8)  # overlaps S3 / disk latency
+        self.fetch_threads = fetch_threads
+        self.pool: ThreadPoolExecutor | None = None  # started by the first remote read
 
     def _fetch(self, name: str, cell: str) -> bytes:
         if not _is_reference(self.kinds[name], cell):
@@ -137,8 +145,35 @@ class RecordDecoder:
             kind = "missing_file" if "not found" in str(exc).lower() else "read_error"
             raise DecodeError(kind, str(exc)) from None
 
-    def _decode_cell(self, name: str, cell: str) -> Any:
-        return self.processors[name].decode(self._fetch(name, cell))
+    def _start_fetch(self, name: str, cell: str) -> Callable[[], bytes]:
+        """A call returning the cell's bytes; a remote read is already under way."""
+        remote = _is_reference(self.kinds[name], cell) and (
+            uris.is_remote(cell) or uris.is_remote(self.root)
+        )
+        if not remote:
+            return functools.partial(self._fetch, name, cell)
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=self.fetch_threads)
+        return self.pool.submit(self._fetch, name, cell).result
+
+    def _decode_all(self, ids: np.ndarray, cells: dict[str, list]) -> tuple[dict, list]:
+        """Decode every present cell: ({(name, row): value}, [quarantine rows])."""
+        fetches = {
+            (name, i): self._start_fetch(name, cell)
+            for name, column in cells.items()
+            for i, cell in enumerate(column)
+            if cell is not None
+        }
+        decoded, failures = {}, []
+        for (name, i), fetch in fetches.items():
+            try:
+                decoded[name, i] = self.processors[name].decode(fetch())
+            except DecodeError as exc:
+                failures.append((ids[i], name, cells[name][i], exc.kind, exc.message))
+            except Exception as exc:  # a decoder bug must not sink the whole job
+                message = f"unexpected {type(exc).__name__}: {exc}"
+                failures.append((ids[i], name, cells[name][i], "corrupt", message))
+        return decoded, failures
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -146,21 +181,7 @@ class RecordDecoder:
             name: [c if c not in (None, "") else None for c in batch[name]]
             for name in self.processors
         }
-        jobs = {
-            (name, i): self.pool.submit(self._decode_cell, name, cell)
-            for name, column in cells.items()
-            for i, cell in enumerate(column)
-            if cell is not None
-        }
-        failures, decoded = [], {}
-        for (name, i), job in jobs.items():
-            try:
-                decoded[name, i] = job.result()
-            except DecodeError as exc:
-                failures.append((batch["id"][i], name, cells[name][i], exc.kind, exc.message))
-            except Exception as exc:  # a decoder bug must not sink the whole job
-                message = f"unexpected {type(exc).__name__}: {exc}"
-                failures.append((batch["id"][i], name, cells[name][i], "corrupt", message))
+        decoded, failures = self._decode_all(batch["id"], cells)
         bad = {f[0] for f in failures}
         keep = [i for i in range(n) if batch["id"][i] not in bad]
         if failures:
@@ -245,8 +266,11 @@ def ingest(manifest_uri: str, cfg: ChorusConfig, *, progress: bool = True) -> di
         },
         batch_size=cfg.ingest.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
-        num_cpus=0.9,  # leaves room for the write tasks on small machines
+        # A fixed pool: an autoscaling one starts at one actor and, as Ray Data keeps CPU
+        # for the Write operator, never got a second on 2 CPUs. 0.9 CPU each leaves the
+        # writes room beside one actor per CPU.
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(blocks)))),
+        num_cpus=0.9,
     )
     shard_fs, shard_path = fs.filesystem(uris.join(target, "shards"))
     decoded.write_parquet(

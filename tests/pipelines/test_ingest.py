@@ -126,7 +126,7 @@ def test_jsonl_and_parquet_manifests_with_two_columns_of_one_kind(
     parquet = demo_manifest.parent / "views.parquet"
     pa.Table.from_pylist(records).to_pandas().to_parquet(parquet)
     for manifest_path in (jsonl, parquet):
-        cfg = debug_config(columns, "evaluate.target=front")
+        cfg = debug_config(columns, "evaluate.target=front", "evaluate.query=[back, caption]")
         manifest = ingest(str(manifest_path), cfg, progress=False)
         assert manifest["rows"] == 20 and manifest["presence"]["back"] == 19
         names = {f["name"] for f in manifest["schema"]}
@@ -135,3 +135,43 @@ def test_jsonl_and_parquet_manifests_with_two_columns_of_one_kind(
             "train", ["front", "back"]
         )
         assert data["front"].shape[1:] == (3, 16, 16) and data["back"].shape[1:] == (3, 8, 8)
+
+
+def test_record_decoder_reads_local_files_inline_and_tokenizes_like_transformers(
+    demo_manifest, tmp_path, debug_config
+):
+    """The decoder without Ray: local reads use no threads, failures go to quarantine,
+    and the wordlevel tokens equal those of the ``transformers`` tokenizer it replaces."""
+    import pyarrow.parquet as pq
+
+    from modalities import text
+    from pipelines.ingest import RecordDecoder, _fit_assets, read_manifest
+
+    cfg = debug_config()
+    columns = {name: spec.model_dump() for name, spec in cfg.data.columns.items()}
+    table, _ = read_manifest(str(demo_manifest), columns)
+    assets = _fit_assets(table, columns)
+    quarantine = tmp_path / "quarantine"
+    decoder = RecordDecoder(
+        columns, assets, str(demo_manifest.parent), cfg.data.allowed_roots, str(quarantine)
+    )
+    batch = {
+        name: column.to_numpy(zero_copy_only=False)
+        for name, column in zip(table.column_names, table.slice(0, 8).columns, strict=True)
+    }
+    batch["audio"][2] = "audio/absent.wav"
+    out = decoder(batch)
+    assert decoder.pool is None  # local files: no fetch threads were started
+    assert list(out["id"]) == [i for k, i in enumerate(batch["id"]) if k != 2]
+    failed = pq.read_table(next(quarantine.iterdir())).to_pylist()
+    assert [(f["id"], f["error_kind"]) for f in failed] == [(batch["id"][2], "missing_file")]
+    text_cfg = text.Config.model_validate(columns["text"])
+    expected = text.load_tokenizer(text_cfg, assets["text"])(
+        list(out["text"]),
+        padding="max_length",
+        truncation=True,
+        max_length=text_cfg.max_length,
+        return_tensors="np",
+    )
+    np.testing.assert_array_equal(out["text__input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(out["text__attention_mask"], expected["attention_mask"])
