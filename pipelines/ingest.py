@@ -25,7 +25,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from modalities import registry
-from modalities.base import DecodeError, column_name, placeholder
+from modalities.base import TOWER_FIELDS, DecodeError, column_name, placeholder
 from pipelines.config import ChorusConfig, to_dict
 from storage import fs, uris
 from storage.artefacts import Store
@@ -217,10 +217,15 @@ class RecordDecoder:
 
 
 def dataset_digest(manifest_bytes: bytes, cfg: ChorusConfig) -> str:
+    """Input content + the settings that shape the stored data (not the towers) + code."""
     settings = to_dict(cfg)
-    return digest_of(
-        manifest_bytes, settings["data"], settings["ingest"], code_version()["source_digest"]
-    )
+    data = settings["data"] | {
+        "columns": {
+            name: {k: v for k, v in spec.items() if k not in TOWER_FIELDS}
+            for name, spec in settings["data"]["columns"].items()
+        }
+    }
+    return digest_of(manifest_bytes, data, settings["ingest"], code_version()["source_digest"])
 
 
 def ingest(manifest_uri: str, cfg: ChorusConfig, *, progress: bool = True) -> dict[str, Any]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.config import load
 from pipelines.dataset import DatasetVersion
-from pipelines.ingest import ManifestError, ingest
+from pipelines.ingest import ManifestError, dataset_digest, ingest
 from storage import fs
 from storage.artefacts import Store
 
@@ -63,6 +64,11 @@ def test_reingest_reuses_the_version(ingested, demo_manifest):
     cfg, manifest = ingested
     again = ingest(str(demo_manifest), cfg, progress=False)
     assert again["id"] == manifest["id"] and again["summary"]["reused"] is True
+    # Tower settings do not shape the stored data: another encoder reuses the version too.
+    other_tower = load("debug", None, [f"store={cfg.store}", "data.columns.text.encoder=bow"])
+    assert ingest(str(demo_manifest), other_tower, progress=False)["id"] == manifest["id"]
+    other_data = load("debug", None, [f"store={cfg.store}", "data.columns.text.max_length=9"])
+    assert dataset_digest(b"x", other_data) != dataset_digest(b"x", cfg)
 
 
 def test_manifest_problems_fail_before_any_work(demo_manifest, tmp_path, debug_config):
