@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -222,6 +223,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON to this file")
     args = parser.parse_args()
 
+    result_fd = os.dup(1)
+    os.dup2(2, 1)  # Ray and Gloo chatter from workers goes to stderr; stdout holds the result
     started = time.perf_counter()
     store, dataset_id = prepare(args.size, args.seed)
     prepared = time.perf_counter() - started
@@ -230,6 +233,8 @@ def main() -> None:
     local_batches = sorted({batch // c["num_workers"] for c in training.values()}, reverse=True)
     objective = [objective_case(store, dataset_id, name, options, b, args.repeats)
                  for b in local_batches for name, options in OBJECTIVES.items()]
+    sys.stdout.flush()
+    os.dup2(result_fd, 1)
     report = {
         "command": " ".join(["bench/train.py", *sys.argv[1:]]),
         "size": args.size,
