@@ -259,7 +259,11 @@ def ingest(manifest_uri: str, cfg: ChorusConfig, *, progress: bool = True) -> di
         table.slice(i, cfg.ingest.batch_size * 4)
         for i in range(0, len(table), cfg.ingest.batch_size * 4)
     ]
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    # Decode actors finish out of order; the same input must give the same shards (a
+    # version's id is a digest of its inputs, and training order follows the shards).
+    context.execution_options.preserve_order = True
     decoded = ray.data.from_arrow(blocks).map_batches(
         RecordDecoder,
         fn_constructor_kwargs={

@@ -91,8 +91,10 @@ def train(
     if cfg.train.precision == "fp16" and not use_gpu:
         raise ValueError("train.precision=fp16 needs a GPU; use bf16 on CPUs")
     model_columns = build_model(config).tensor_columns()
+    context = ray.data.DataContext.get_current()
     # The loop prints its own progress line; Ray Data's bars would repeat at every epoch.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True  # shard order in, same run out
     datasets = {"train": dataset.read("train", model_columns)}
     if cfg.train.cache_dataset:  # read the shards once, not once per epoch
         datasets["train"] = datasets["train"].materialize()
