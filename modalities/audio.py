@@ -14,14 +14,13 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from modalities import hf
 from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
 from modalities.layers import (
     Tower,
-    check_encoder_fields,
     conv_tower,
     mlp_head,
     random_gain,
@@ -58,11 +57,6 @@ class Config(ModalityConfig):
     augment: bool = Field(
         True, description="Training-time time shifts, gain and noise (fights memorising)."
     )
-
-    @model_validator(mode="after")
-    def _check_encoder(self) -> Config:
-        check_encoder_fields(self)
-        return self
 
     @property
     def num_samples(self) -> int:

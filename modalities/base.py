@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 ERROR_KINDS = (
     "missing_file",  # the URI points at nothing
@@ -48,10 +48,22 @@ class DecodeError(Exception):
 
 
 class ModalityConfig(BaseModel):
-    """Base of every modality config: strict (unknown fields are errors)."""
+    """Base of every modality config: strict (unknown fields are errors), with the checks
+    shared by the encoder fields (``encoder``, ``pretrained``, ``width``, ``heads``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
+
+    @model_validator(mode="after")
+    def _check_tower_fields(self) -> ModalityConfig:
+        encoder = getattr(self, "encoder", None)
+        # ``pretrained`` is only read by ``hf`` encoders; elsewhere it would be silently ignored.
+        if getattr(self, "pretrained", None) is not None and encoder != "hf":
+            raise ValueError(f"pretrained is only used with encoder 'hf' (encoder is {encoder!r})")
+        built = encoder == "transformer" or (encoder == "hf" and not self.pretrained)
+        if built and self.width % self.heads:
+            raise ValueError(f"width={self.width} must be a multiple of heads={self.heads}")
+        return self
 
 
 Spec = dict[str, tuple[np.dtype, tuple[int, ...]]]

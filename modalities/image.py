@@ -14,14 +14,13 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from modalities import hf
 from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
 from modalities.layers import (
     Tower,
-    check_encoder_fields,
     conv_tower,
     mlp_head,
     random_gain,
@@ -54,11 +53,6 @@ class Config(ModalityConfig):
     augment: bool = Field(
         True, description="Training-time shifts, per-channel gain and noise (fights memorising)."
     )
-
-    @model_validator(mode="after")
-    def _check_encoder(self) -> Config:
-        check_encoder_fields(self)
-        return self
 
 
 def output_spec(cfg: Config) -> Spec:

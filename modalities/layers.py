@@ -16,14 +16,14 @@ def conv_tower(dims: int, in_channels: int, width: int, depth: int = 3) -> nn.Se
     ``--use-bn-sync``); the transformer encoders are batch-independent.
     """
     conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
     pool = nn.MaxPool2d if dims == 2 else nn.MaxPool1d
     gap = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool1d(1)
     layers: list[nn.Module] = []
     channels = in_channels
     for stage in range(depth):
         out = width * 2**stage
-        norm = nn.BatchNorm2d(out) if dims == 2 else nn.BatchNorm1d(out)
-        layers += [conv(channels, out, 3, padding=1), norm, nn.GELU(), pool(2)]
+        layers += [conv(channels, out, 3, padding=1), norm(out), nn.GELU(), pool(2)]
         channels = out
     layers += [gap, nn.Flatten()]
     return nn.Sequential(*layers)
@@ -42,8 +42,6 @@ class PatchTransformer(nn.Module):
 
     def __init__(self, channels: int, length: int, patch: int, width: int, depth: int, heads: int):
         super().__init__()
-        if patch > length:
-            raise ValueError(f"patch_size={patch} exceeds the series length {length}")
         self.embed = nn.Conv1d(channels, width, patch, stride=patch)
         self.position = nn.Parameter(torch.randn(1, length // patch, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
@@ -62,16 +60,6 @@ class PatchTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x).transpose(1, 2) + self.position
         return self.norm(self.encoder(tokens)).mean(1)
-
-
-def check_encoder_fields(cfg) -> None:
-    """Cross-field checks shared by the modality configs (run as pydantic validators)."""
-    # ``pretrained`` is only read by ``hf`` encoders; elsewhere it would be silently ignored.
-    if getattr(cfg, "pretrained", None) is not None and cfg.encoder != "hf":
-        raise ValueError(f"pretrained is only used with encoder 'hf' (encoder is {cfg.encoder!r})")
-    config_built = cfg.encoder == "transformer" or (cfg.encoder == "hf" and not cfg.pretrained)
-    if config_built and cfg.width % cfg.heads:
-        raise ValueError(f"width={cfg.width} must be a multiple of heads={cfg.heads}")
 
 
 class Tower(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 
 from modalities import hf
 from modalities.base import DecodeError, ModalityConfig, Spec
-from modalities.layers import Tower, check_encoder_fields, mlp_head
+from modalities.layers import Tower, mlp_head
 
 TOKENIZER_ASSET = "tokenizer.json"
 SPECIALS = ["[PAD]", "[UNK]", "[MISSING]"]
@@ -47,7 +47,6 @@ class Config(ModalityConfig):
     def _check_encoder(self) -> Config:
         if self.encoder == "hf" and self.pretrained is None:
             raise ValueError("encoder 'hf' needs pretrained (an HF id or local path)")
-        check_encoder_fields(self)
         return self
 
 

@@ -20,7 +20,6 @@ from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
 from modalities.layers import (
     PatchTransformer,
     Tower,
-    check_encoder_fields,
     conv_tower,
     mlp_head,
     random_gain,
@@ -69,7 +68,6 @@ class Config(ModalityConfig):
 
     @model_validator(mode="after")
     def _check_encoder(self) -> Config:
-        check_encoder_fields(self)
         if self.encoder == "transformer" and self.patch_size > self.length:
             raise ValueError(f"patch_size={self.patch_size} exceeds length={self.length}")
         return self

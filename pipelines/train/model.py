@@ -105,9 +105,8 @@ class ChorusModel(nn.Module):
         for module_name, module in self.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
                 full = f"{module_name}.{param_name}" if module_name else param_name
-                is_norm = isinstance(
-                    module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._BatchNorm
-                )
+                norms = nn.LayerNorm | nn.GroupNorm | nn.BatchNorm1d | nn.BatchNorm2d
+                is_norm = isinstance(module, norms)
                 if param.ndim < 2 or is_norm or isinstance(module, nn.Embedding):
                     names.add(full)
         return names
