@@ -46,12 +46,15 @@ def _std(entry: dict[str, Any], key: str) -> float | None:
     return entry.get("bootstrap", {}).get(f"{_key(entry, key)}_std")
 
 
-def _with_std(entry: dict[str, Any], key: str) -> str:
-    value = _get(entry, key)
+def _num(value: float | None, std: float | None = None) -> str:
+    """``0.123``, ``0.123 ± 0.045``, or ``-`` for a missing value."""
     if value is None:
         return "-"
-    std = _std(entry, key)
     return f"{value:.3f}" if std is None else f"{value:.3f} ± {std:.3f}"
+
+
+def _with_std(entry: dict[str, Any], key: str) -> str:
+    return _num(_get(entry, key), _std(entry, key))
 
 
 def _task(entry: dict[str, Any]) -> str:
@@ -109,15 +112,8 @@ def _shown(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [m for m in HEADLINE if any(row[m[0]] is not None for row in summary["table"])]
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _cell(row: dict[str, Any], key: str) -> str:
-    if row[key] is None:
-        return "-"
-    std = row[f"{key}_std"]
-    return f"{row[key]:.3f}" if std is None else f"{row[key]:.3f} ± {std:.3f}"
+    return _num(row[key], row[f"{key}_std"])
 
 
 def sweep_metric(evaluations: dict[str, dict[str, Any]]) -> str:
@@ -129,13 +125,18 @@ def sweep_metric(evaluations: dict[str, dict[str, Any]]) -> str:
     return "R@1"
 
 
+def _sweeps(evaluations: dict[str, dict[str, Any]]) -> tuple[dict[str, list], list[str]]:
+    """Each objective's sweep entries, and the metrics shown for them."""
+    sweeps = {o: ev["sweep"] for o, ev in evaluations.items() if ev.get("sweep")}
+    metric = sweep_metric(evaluations)
+    return sweeps, [metric] if metric == "R@1" else [metric, "R@1"]
+
+
 def sweep_lines(evaluations: dict[str, dict[str, Any]]) -> list[str]:
     """The sweep as a compact text table: one line per target and query set."""
-    sweeps = {o: ev["sweep"] for o, ev in evaluations.items() if ev.get("sweep")}
+    sweeps, shown = _sweeps(evaluations)
     if not sweeps:
         return []
-    metric = sweep_metric(evaluations)
-    shown = [metric] if metric == "R@1" else [metric, "R@1"]
     lines = [
         f"sweep on the {next(iter(evaluations.values()))['split']} split: "
         f"{' / '.join(NAMES[m] for m in shown)} per target and query set{_averaged(sweeps)}",
@@ -207,12 +208,9 @@ def _averaged(sweeps: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def _markdown_sweep(summary: dict[str, Any]) -> list[str]:
-    evaluations = summary["evaluations"]
-    sweeps = {o: ev["sweep"] for o, ev in evaluations.items() if ev.get("sweep")}
+    sweeps, shown = _sweeps(summary["evaluations"])
     if not sweeps:
         return []
-    metric = sweep_metric(evaluations)
-    shown = [metric] if metric == "R@1" else [metric, "R@1"]
     header = [f"{o} {NAMES[m]}" for m in shown for o in sweeps]
     lines = [
         "## Every target and query set",

@@ -132,7 +132,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     local_batch, per_epoch = train["batch_size"] // world, config["steps_per_epoch"]
-    names = list(config["columns"])
     while state["step"] < total:
         model.train()
         batches = shard.iter_torch_batches(
@@ -167,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 waited, in_window, window = 0.0, 0, time.perf_counter()
             if state["step"] % train["checkpoint_every"] == 0 or state["step"] == total:
                 started = time.perf_counter()
-                val = _validation_loss(model, objective, config, device, world, names)
+                val = _validation_loss(model, objective, precision, config, device, world)
                 _checkpoint(model, stateful, state, config, history, val)
                 _reseed(train["seed"], rank, state["step"])  # a resumed run draws the same
                 window += time.perf_counter() - started  # step times exclude checkpointing
@@ -196,15 +195,18 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
-def _step(model, objective, optimizer, precision, batch, train):
-    """One optimisation step; returns the objective's terms and the pre-clip gradient norm."""
+def _terms(model, objective, precision, batch) -> dict[str, torch.Tensor]:
+    """The objective's terms on one batch (``loss`` among them)."""
     with precision.autocast():
         out = model(batch)
     # Objectives run outside autocast: they upcast features and need fp32 logsumexps.
     present = {name: batch[f"{name}_present"] for name in out["features"]}
-    terms = objective(
-        out["features"], out["logit_scale"], present, logit_bias=out.get("logit_bias")
-    )
+    return objective(out["features"], out["logit_scale"], present, logit_bias=out.get("logit_bias"))
+
+
+def _step(model, objective, optimizer, precision, batch, train):
+    """One optimisation step; returns the objective's terms and the pre-clip gradient norm."""
+    terms = _terms(model, objective, precision, batch)
     optimizer.zero_grad(set_to_none=True)
     precision.scaler.scale(terms["loss"]).backward()
     precision.scaler.unscale_(optimizer)
@@ -223,7 +225,7 @@ def _reseed(seed: int, rank: int, step: int) -> None:
 
 
 @torch.no_grad()
-def _validation_loss(model, objective, config, device, world, names) -> float | None:
+def _validation_loss(model, objective, precision, config, device, world) -> float | None:
     """Mean objective loss over the 'val' shard (None when checkpoints are kept by recency)."""
     import ray.train
 
@@ -237,11 +239,7 @@ def _validation_loss(model, objective, config, device, world, names) -> float | 
     for batch in ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=local_batch, drop_last=True, device=device
     ):
-        out = model(batch)
-        present = {name: batch[f"{name}_present"] for name in names}
-        loss = objective(
-            out["features"], out["logit_scale"], present, logit_bias=out.get("logit_bias")
-        )["loss"]
+        loss = _terms(model, objective, precision, batch)["loss"]
         total += torch.tensor([float(loss) * local_batch, local_batch], dtype=torch.float64)
     loss_sum, rows = all_reduce_sum(total).tolist()
     model.train()
