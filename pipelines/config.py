@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from modalities import registry as modality_registry
 from storage.artefacts import default_store_uri
+from storage.errors import UserError
 
 ModalityConfig = modality_registry.config_type()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid configuration; the message names every offending field."""
 
 

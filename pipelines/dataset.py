@@ -12,9 +12,10 @@ import numpy as np
 
 from storage import fs, uris
 from storage.artefacts import Store
+from storage.errors import UserError
 
 
-class DatasetNotFound(LookupError):
+class DatasetNotFound(UserError, LookupError):
     pass
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.config import ConfigError
-from pipelines.dataset import DatasetNotFound
-from pipelines.ingest import ManifestError
-from storage.artefacts import ArtefactNotFound
+from storage.errors import UserError
 
-USER_ERRORS = (ConfigError, ManifestError, DatasetNotFound, ArtefactNotFound, FileNotFoundError)
+# FileNotFoundError: a path named on the command line (a manifest, a config file) is absent.
+USER_ERRORS = (UserError, FileNotFoundError)

@@ -29,6 +29,7 @@ from modalities.base import TOWER_FIELDS, DecodeError, column_name, placeholder
 from pipelines.config import ChorusConfig, to_dict
 from storage import fs, uris
 from storage.artefacts import Store
+from storage.errors import UserError
 from storage.lineage import LineageRecord, code_version, digest_of
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -43,7 +44,7 @@ QUARANTINE_SCHEMA = pa.schema(
 MANIFEST = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The input manifest cannot be used; raised before any work starts."""
 
 

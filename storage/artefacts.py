@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from storage import fs, uris
+from storage.errors import UserError
 from storage.lineage import LineageRecord
 
 DEFAULT_STORE = ".chorus/store"
 KINDS = ("dataset", "run", "evaluation", "embedding", "report")
 
 
-class ArtefactNotFound(KeyError):
+class ArtefactNotFound(UserError, KeyError):
     """No artefact with that id in the store."""
 
 
