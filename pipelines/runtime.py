@@ -22,16 +22,21 @@ def configure_prefect_defaults(home: str | Path = ".chorus/prefect") -> None:
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray with this machine's CPUs."""
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray with this machine's CPUs.
+
+    One Ray session per process: later calls reuse the first. Token authentication is
+    turned off only for the local instance started here (a cluster keeps its own settings).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
         return
+    # The instance is this process's own (it dies with it); an exported setting still wins.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=object_store_memory,

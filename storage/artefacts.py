@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import fs, uris
-from storage.errors import UserError
+from storage.errors import StoreNotFound, UserError
 from storage.lineage import LineageRecord
 
 DEFAULT_STORE = ".chorus/store"
@@ -27,6 +27,13 @@ KINDS = ("dataset", "run", "evaluation", "embedding", "report")
 
 class ArtefactNotFound(UserError, KeyError):
     """No artefact with that id in the store."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0])
+
+
+class UnknownKind(UserError, ValueError):
+    """An artefact kind outside :data:`KINDS`."""
 
 
 def default_store_uri() -> str:
@@ -38,8 +45,20 @@ class Store:
     root: str
 
     @classmethod
-    def open(cls, uri: str | None = None) -> Store:
+    def open(cls, uri: str | None = None, *, create: bool = True) -> Store:
+        """The store at ``uri`` (default ``$CHORUS_STORE`` or ``.chorus/store``).
+
+        Commands that only read pass ``create=False``: a store that does not exist is then a
+        :class:`StoreNotFound`. An S3 store's bucket must exist either way (checked first, so
+        a wrong bucket or endpoint fails before any work).
+        """
         root = uris.normalise(uri or default_store_uri())
+        fs.check_bucket(root)
+        if not create and not fs.exists(root):
+            raise StoreNotFound(
+                f"no artefact store at {root} (pass --store or set CHORUS_STORE; "
+                "`chorus ingest` creates one)"
+            )
         fs.ensure_dir(root)
         return cls(root)
 
@@ -71,7 +90,7 @@ class Store:
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Lineage records, newest first, optionally of one kind."""
         if kind is not None and kind not in KINDS:
-            raise ValueError(f"unknown artefact kind {kind!r}; valid: {', '.join(KINDS)}")
+            raise UnknownKind(f"unknown artefact kind {kind!r}; valid: {', '.join(KINDS)}")
         infos = fs.list_files(self.uri("lineage", kind) if kind else self.uri("lineage"))
         records = [fs.read_json(fs.to_uri(self.root, i.path)) for i in infos]
         return sorted(records, key=lambda r: r["created_at"], reverse=True)

@@ -10,3 +10,15 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A mistake the user can fix; the message says what to change, in one line."""
+
+
+class StoreNotFound(UserError):
+    """A reading command was pointed at an artefact store that does not exist."""
+
+
+class BucketNotFound(UserError):
+    """The S3 bucket of a URI does not exist."""
+
+
+class StorageUnreachable(UserError):
+    """The S3 endpoint cannot be reached or refuses the request (address, credentials)."""

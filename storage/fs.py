@@ -1,7 +1,8 @@
 """Byte-level access to a local directory or an S3 bucket through pyarrow's filesystems.
 
 S3 endpoints come from ``AWS_ENDPOINT_URL`` (a MinIO or moto server, for instance);
-credentials and region from the usual AWS environment variables.
+credentials and region from the usual AWS environment variables. Connections time out after
+a few seconds and retry a few times, so a wrong endpoint fails fast instead of hanging.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
@@ -16,11 +18,22 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from storage import uris
+from storage.errors import BucketNotFound, StorageUnreachable
+
+CONNECT_TIMEOUT_S = 3.0
+# Seconds a request may wait for bytes (not its total time): large shard uploads still pass.
+REQUEST_TIMEOUT_S = 60.0
+S3_ATTEMPTS = 3
 
 
 @lru_cache(maxsize=8)
 def _s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    options: dict[str, Any] = {"region": region}
+    options: dict[str, Any] = {
+        "region": region,
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+    }
     if endpoint:
         parsed = urlparse(endpoint)
         options["endpoint_override"] = parsed.netloc or parsed.path
@@ -36,6 +49,34 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         fs = _s3(os.environ.get("AWS_ENDPOINT_URL"), region)
         return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
     return pafs.LocalFileSystem(), uris.normalise(uri)
+
+
+def check_bucket(uri: str) -> None:
+    """For an ``s3://`` URI, fail fast with a :class:`UserError` when its bucket does not exist
+    or the endpoint cannot be reached; local paths pass."""
+    if not uris.is_remote(uri):
+        return
+    s3, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+    try:
+        info = s3.get_file_info(bucket)
+    except OSError as exc:
+        raise StorageUnreachable(_s3_failure(str(exc), endpoint, bucket)) from None
+    if info.type == pafs.FileType.NotFound:
+        raise BucketNotFound(
+            f"bucket {bucket!r} does not exist (endpoint {endpoint}; create it or fix the URI "
+            f"{uri})"
+        )
+
+
+def _s3_failure(message: str, endpoint: str, bucket: str) -> str:
+    """One line from pyarrow's error (which ends in a curl transcript after '; Details:')."""
+    found = re.search(r"AWS Error (\w+) during \w+ operation: ([^;]*)", message)
+    code, detail = found.groups() if found else ("", message.split("; Details:", 1)[0])
+    if code == "NETWORK_CONNECTION":
+        return f"cannot reach S3 endpoint {endpoint} ({detail.strip()}); check AWS_ENDPOINT_URL"
+    return f"S3 endpoint {endpoint} refused bucket {bucket!r} ({code} {detail.strip()})".strip()
 
 
 def read_bytes(uri: str) -> bytes:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import boto3
 import pytest
 
 from storage import fs, uris
 from storage.artefacts import Store
+from storage.errors import BucketNotFound, StorageUnreachable, StoreNotFound, UserError
 from storage.lineage import LineageRecord, code_version, digest_of
 
 
@@ -80,3 +84,42 @@ def test_digest_is_stable_and_sensitive():
     assert digest_of(b"a", {"k": 1}) == digest_of(b"a", {"k": 1})
     assert digest_of(b"a", {"k": 1}) != digest_of(b"a", {"k": 2})
     assert len(code_version()["source_digest"]) == 16
+
+
+def test_reading_a_missing_local_store_says_so_and_creates_nothing(tmp_path):
+    with pytest.raises(StoreNotFound, match="no artefact store at"):
+        Store.open(str(tmp_path / "absent"), create=False)
+    assert not (tmp_path / "absent").exists()
+    assert Store.open(str(tmp_path / "made")).root == str(tmp_path / "made")
+    assert (tmp_path / "made").is_dir() and Store.open(str(tmp_path / "made"), create=False)
+
+
+def test_s3_store_needs_its_bucket_and_a_prefix_with_artefacts(s3_bucket):
+    with pytest.raises(BucketNotFound, match="bucket 'nobucket' does not exist"):
+        Store.open("s3://nobucket/x")
+    bucket = s3_bucket()
+    with pytest.raises(StoreNotFound, match=f"s3://{bucket}/empty"):
+        Store.open(f"s3://{bucket}/empty", create=False)
+    store = Store.open(f"s3://{bucket}/empty")
+    store.record(LineageRecord(id="a", kind="dataset", uri=store.uri("x")))
+    assert [r["id"] for r in Store.open(store.root, create=False).list()] == ["a"]
+
+
+def test_unreachable_endpoint_fails_fast_in_one_line(s3_endpoint, monkeypatch):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    started = time.perf_counter()
+    with pytest.raises(StorageUnreachable, match=f"cannot reach S3 endpoint {closed}") as info:
+        Store.open("s3://any/x")
+    assert time.perf_counter() - started < 10 and "\n" not in str(info.value)
+
+
+def test_unknown_kind_and_id_are_user_errors(tmp_path):
+    store = Store.open(str(tmp_path / "store"))
+    with pytest.raises(UserError, match="unknown artefact kind 'bogus'"):
+        store.list("bogus")
+    with pytest.raises(UserError) as info:
+        store.lineage("missing")
+    assert str(info.value).startswith("no artefact 'missing' in")  # not KeyError's quoting
