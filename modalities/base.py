@@ -9,9 +9,16 @@ A modality module (``modalities/<kind>.py``) provides:
   :class:`DecodeError`; ``preprocess(list[native]) -> {suffix: array}`` is pure and batched;
 - ``fit_assets(cfg, samples) -> {name: str}``: dataset-level assets (e.g. a tokenizer) or ``{}``;
 - ``build_encoder(cfg, embed_dim) -> nn.Module`` mapping ``{suffix: Tensor}`` to ``(B, D)``;
-- ``dummy_batch(cfg, n) -> {suffix: array}`` for tests.
+  the tower lives in ``modalities/towers/<kind>.py``, which only ``build_encoder`` imports;
+- ``dummy_batch(cfg, n) -> {suffix: array}`` for tests;
+- ``PREPROCESSING_VERSION: int``: part of every dataset id. Bump it whenever ``decode`` or
+  ``preprocess`` output changes for any input, including a file newly accepted or rejected,
+  so a re-ingest writes a new dataset version instead of reusing the old one.
 
-Modalities import neither Ray nor Prefect: everything here is testable in plain Python.
+Modalities import neither Ray nor Prefect, and outside ``modalities/towers/`` no module imports
+torch, torchaudio, tokenizers or transformers at import time: the registry (and so the
+configuration and the fast CLI commands) stays light, and everything is testable in plain
+Python.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ class Modality(Protocol):
 
     Config: type[ModalityConfig]
     Processor: type
+    PREPROCESSING_VERSION: int
 
     def output_spec(self, cfg: Any) -> Spec: ...
 

@@ -1,30 +1,36 @@
-"""Time series: CSV, NPY or Parquet shaped (channels, samples) -> float32 (C, L).
+"""Time series: CSV, NPY or Parquet tables of numbers -> float32 (channels, length).
 
-Series are linearly resampled to ``length`` samples and normalised per channel (z-score, or
-min-max to [-1, 1] as for ECG in Symile-MIMIC). CSV and Parquet files hold one column per
-channel (rows are samples); NPY arrays are (C, T). ``nan_policy`` rejects non-finite values
+A series file holds one 2-D table: CSV rows and columns (an optional header row of channel
+names is skipped), an NPY array's two axes, Parquet rows and columns. ``layout`` says which
+axis is samples; unset, each format keeps its convention: samples as rows (one column per
+channel) for CSV and Parquet, (channels, samples) for NPY, as NumPy/PyTorch signals usually
+are. Series are linearly resampled to ``length`` samples and normalised per channel (z-score,
+or min-max to [-1, 1] as for ECG in Symile-MIMIC). ``nan_policy`` rejects non-finite values
 or interpolates over them. ``preset`` fills sensible defaults for ECG, IMU and PPG.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from modalities.base import DecodeError, ModalityConfig, Spec, no_assets
-from modalities.layers import (
-    PatchTransformer,
-    Tower,
-    conv_tower,
-    mlp_head,
-    random_gain,
-    random_roll,
-)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+PREPROCESSING_VERSION = 1
+
+Layout = Literal["samples_by_channels", "channels_by_samples"]
+# A format's orientation when ``layout`` is unset (what chorus read before the field existed).
+DEFAULT_LAYOUT: dict[str, Layout] = {
+    "csv": "samples_by_channels",
+    "parquet": "samples_by_channels",
+    "npy": "channels_by_samples",
+}
 
 PRESETS = {
     "ecg": {"channels": 12, "length": 5000, "scaling": "minmax"},  # Symile-MIMIC: 12 leads
@@ -40,6 +46,12 @@ class Config(ModalityConfig):
     )
     channels: int = Field(3, ge=1, description="Number of channels every series must have.")
     length: int = Field(200, ge=2, description="Samples per channel after resampling.")
+    layout: Layout | None = Field(
+        None,
+        description="Orientation of every file's table: 'samples_by_channels' (a row per "
+        "sample, a column per channel) or 'channels_by_samples'. Unset: samples_by_channels "
+        "for CSV and Parquet, channels_by_samples for NPY ((C, T) arrays).",
+    )
     nan_policy: Literal["reject", "interpolate"] = Field(
         "reject", description="What to do with NaN/Inf values."
     )
@@ -77,16 +89,65 @@ def output_spec(cfg: Config) -> Spec:
     return {"": (np.dtype(np.float32), (cfg.channels, cfg.length))}
 
 
-def _load(data: bytes) -> np.ndarray:
+def _is_header(line: str) -> bool:
+    """A CSV row of names: every cell non-empty and none of them a number."""
+    cells = [cell.strip() for cell in line.split(",")]
+    return all(cell and not _is_number(cell) for cell in cells)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(text: str) -> np.ndarray:
+    """The CSV's rows of numbers; a header row (the first line with content) is skipped."""
+    lines = text.split("\n")
+    content = [i for i, line in enumerate(lines) if line.strip() and line.lstrip()[0] != "#"]
+    skip = 0
+    if content and _is_header(lines[content[0]]):
+        # loadtxt's skiprows counts blank and comment lines too.
+        skip, content = content[0] + 1, content[1:]
+    if not content:
+        raise DecodeError("bad_shape", "csv series has no rows of numbers")
+    return np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=skip)
+
+
+def _load(data: bytes) -> tuple[str, np.ndarray]:
+    """The file's format and its table as stored (rows x columns, or the NPY array)."""
     if data.startswith(b"\x93NUMPY"):
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return "npy", np.load(io.BytesIO(data), allow_pickle=False)
     if data.startswith(b"PAR1"):
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(data))
-        return np.stack([c.to_numpy(zero_copy_only=False) for c in table.columns])
-    rows = np.loadtxt(io.StringIO(data.decode("utf-8")), delimiter=",", ndmin=2)
-    return rows.T
+        return "parquet", np.stack([c.to_numpy(zero_copy_only=False) for c in table.columns], 1)
+    return "csv", _read_csv(data.decode("utf-8-sig"))
+
+
+def _fits(shape: tuple[int, ...], layout: Layout, channels: int) -> bool:
+    """Whether a table of ``shape`` read as ``layout`` has ``channels`` and >= 2 samples."""
+    if len(shape) != 2:
+        return False
+    n_channels, n_samples = shape[::-1] if layout == "samples_by_channels" else shape
+    return n_channels == channels and n_samples >= 2
+
+
+def _bad_shape(fmt: str, shape: tuple[int, ...], layout: Layout, cfg: Config) -> DecodeError:
+    expected = (
+        f"(samples >= 2, {cfg.channels} channels)"
+        if layout == "samples_by_channels"
+        else f"({cfg.channels} channels, samples >= 2)"
+    )
+    source = "the `layout` field" if cfg.layout else f"the {fmt.upper()} default"
+    message = f"{fmt} series of shape {shape}: layout {layout} ({source}) expects {expected}"
+    other = next(o for o in get_args(Layout) if o != layout)
+    if _fits(shape, other, cfg.channels):
+        message += f"; the file fits {other}: set the timeseries column's `layout: {other}`"
+    return DecodeError("bad_shape", message)
 
 
 def _fill_non_finite(series: np.ndarray) -> np.ndarray:
@@ -117,14 +178,14 @@ class Processor:
         if not data:
             raise DecodeError("empty_file", "zero bytes")
         try:
-            series = np.asarray(_load(data), dtype=np.float64)
+            fmt, table = _load(data)
+            table = np.asarray(table, dtype=np.float64)
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             raise DecodeError("unsupported_format", str(exc)) from exc
-        if series.ndim != 2 or series.shape[0] != self.cfg.channels or series.shape[1] < 2:
-            raise DecodeError(
-                "bad_shape",
-                f"shape {series.shape}, expected ({self.cfg.channels}, samples >= 2)",
-            )
+        layout = self.cfg.layout or DEFAULT_LAYOUT[fmt]
+        if not _fits(table.shape, layout, self.cfg.channels):
+            raise _bad_shape(fmt, table.shape, layout, self.cfg)
+        series = table.T if layout == "samples_by_channels" else table
         if not np.isfinite(series).all():
             if self.cfg.nan_policy == "reject":
                 raise DecodeError("non_finite", "NaN or Inf values (nan_policy=reject)")
@@ -140,30 +201,10 @@ class Processor:
 fit_assets = no_assets  # nothing dataset-level to fit
 
 
-class _Prepare(nn.Module):
-    def __init__(self, augment: bool):
-        super().__init__()
-        self.augment = augment
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = inputs[""].float()
-        if self.training and self.augment:
-            x = random_roll(x, x.shape[-1] // 4, dim=-1)
-            x = random_gain(x, 0.8, 1.2) + 0.2 * torch.randn_like(x)
-        return x
-
-
 def build_encoder(cfg: Config, embed_dim: int) -> nn.Module:
-    if cfg.encoder == "transformer":
-        body = PatchTransformer(
-            cfg.channels, cfg.length, cfg.patch_size, cfg.width, cfg.depth, cfg.heads
-        )
-        return Tower(_Prepare(cfg.augment), body, mlp_head(cfg.width, embed_dim))
-    return Tower(
-        _Prepare(cfg.augment),
-        conv_tower(1, cfg.channels, cfg.width),
-        mlp_head(cfg.width * 4, embed_dim),
-    )
+    from modalities.towers import timeseries as towers  # torch: only when a tower is built
+
+    return towers.build(cfg, embed_dim)
 
 
 def dummy_batch(cfg: Config, n: int) -> dict[str, np.ndarray]:

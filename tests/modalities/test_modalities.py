@@ -227,6 +227,95 @@ def test_timeseries_wrong_shape():
     assert info.value.kind == "bad_shape"
 
 
+def _table_bytes(table: np.ndarray, fmt: str, header: list[str] | None = None) -> bytes:
+    """A file holding the 2-D ``table`` as stored: CSV/Parquet rows x columns, or the array."""
+    if fmt == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, table)
+        return buffer.getvalue()
+    if fmt == "csv":
+        rows = ([",".join(header)] if header else []) + [",".join(map(str, r)) for r in table]
+        return "\n".join(rows).encode()
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({f"c{i}": column for i, column in enumerate(table.T)}), buffer)
+    return buffer.getvalue()
+
+
+RAW = np.stack([np.linspace(0, 10, 80), np.sin(np.arange(80))])  # (channels, samples)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "npy", "parquet"])
+@pytest.mark.parametrize("layout", ["samples_by_channels", "channels_by_samples"])
+def test_timeseries_layout_states_the_orientation_of_every_format(fmt, layout):
+    table = RAW.T if layout == "samples_by_channels" else RAW
+    processor, _ = _processor("timeseries", layout=layout)
+    expected = _processor("timeseries")[0].decode(_series_bytes(RAW, "npy"))
+    np.testing.assert_array_equal(processor.decode(_table_bytes(table, fmt)), expected)
+    other = "channels_by_samples" if layout == "samples_by_channels" else "samples_by_channels"
+    with pytest.raises(DecodeError, match=f"the file fits {other}") as info:
+        processor.decode(_table_bytes(table.T, fmt))  # the other orientation
+    assert info.value.kind == "bad_shape"
+
+
+@pytest.mark.parametrize(("fmt", "table"), [("csv", RAW.T), ("parquet", RAW.T), ("npy", RAW)])
+def test_timeseries_without_layout_keeps_each_formats_convention(fmt, table):
+    processor, _ = _processor("timeseries")
+    series = processor.decode(_table_bytes(table, fmt))
+    np.testing.assert_array_equal(series, processor.decode(_series_bytes(RAW, "npy")))
+
+
+@pytest.mark.parametrize(
+    "header", [None, ["lead_I", "lead_II"], ['"lead I"', " lead II "]], ids=str
+)
+def test_timeseries_csv_with_or_without_a_header_row(header):
+    processor, _ = _processor("timeseries")
+    data = _table_bytes(RAW.T, "csv", header)
+    np.testing.assert_array_equal(
+        processor.decode(data), processor.decode(_table_bytes(RAW.T, "csv"))
+    )
+    commented = b"# exported by a recorder\n\n" + data
+    np.testing.assert_array_equal(processor.decode(commented), processor.decode(data))
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"lead_I,lead_II\n", "bad_shape"),  # a header and no rows
+        (b"lead_I,2.5\n1,2\n3,4\n", "unsupported_format"),  # half a header is not one
+        (b"1,2\nx,y\n3,4\n", "unsupported_format"),  # only the first row may be names
+    ],
+)
+def test_timeseries_csv_header_edge_cases_are_rejected(data, kind):
+    with pytest.raises(DecodeError) as info:
+        _processor("timeseries")[0].decode(data)
+    assert info.value.kind == kind
+
+
+def test_timeseries_bad_shape_names_the_expected_shape_and_the_layout_field():
+    processor, _ = _processor("timeseries")
+    with pytest.raises(DecodeError) as info:
+        processor.decode(_table_bytes(RAW.T, "npy"))  # (samples, channels) under the NPY default
+    assert info.value.message == (
+        "npy series of shape (80, 2): layout channels_by_samples (the NPY default) expects "
+        "(2 channels, samples >= 2); the file fits samples_by_channels: set the timeseries "
+        "column's `layout: samples_by_channels`"
+    )
+    with pytest.raises(DecodeError) as info:
+        _processor("timeseries", layout="samples_by_channels")[0].decode(
+            _table_bytes(np.zeros((80, 3)), "csv")
+        )
+    assert info.value.message == (
+        "csv series of shape (80, 3): layout samples_by_channels (the `layout` field) expects "
+        "(samples >= 2, 2 channels)"
+    )
+
+
+@pytest.mark.parametrize("kind", registry.names())
+def test_every_modality_declares_its_preprocessing_version(kind):
+    version = registry.get(kind).PREPROCESSING_VERSION
+    assert isinstance(version, int) and version >= 1
+
+
 def test_text_loads_a_transformers_tokenizer_from_a_local_path(tmp_path):
     module = registry.get("text")
     fitted_cfg = _cfg("text", tokenizer="wordlevel", vocab_size=None)

@@ -1,4 +1,4 @@
-"""Small encoder building blocks shared by the modality modules (single-device PyTorch)."""
+"""Small encoder building blocks shared by the modality towers (single-device PyTorch)."""
 
 from __future__ import annotations
 
