@@ -11,7 +11,8 @@ import pytest
 
 from pipelines.config import load
 from pipelines.dataset import DatasetVersion
-from pipelines.ingest import ManifestError, dataset_digest, ingest
+from pipelines.identity import identify
+from pipelines.ingest import ManifestError, ingest, read_manifest
 from storage import fs
 from storage.artefacts import Store
 
@@ -69,16 +70,19 @@ def test_reingest_reuses_the_version(ingested, demo_manifest):
     other_tower = load("debug", None, [f"store={cfg.store}", "data.columns.text.encoder=bow"])
     assert ingest(str(demo_manifest), other_tower, progress=False)["id"] == manifest["id"]
     other_data = load("debug", None, [f"store={cfg.store}", "data.columns.text.max_length=9"])
-    assert dataset_digest(b"x", other_data) != dataset_digest(b"x", cfg)
+    columns = {name: spec.model_dump() for name, spec in cfg.data.columns.items()}
+    table, _ = read_manifest(str(demo_manifest), columns)
+    root = str(demo_manifest.parent)
+    assert identify(table, other_data, root).dataset_id != manifest["id"]
+    assert identify(table, other_tower, root).dataset_id == manifest["id"]
 
 
 def test_ingest_keeps_the_manifest_order_so_versions_are_reproducible(
     ray_session, demo_manifest, debug_config, tmp_path
 ):
-    """Shards follow the manifest's order, so the same input gives byte-identical shards.
-    (Two demo ingests without Ray Data's preserve_order differed: a slower actor's block
-    landed after the next one. That race does not reliably happen at this size.)"""
-    small_blocks = "ingest.batch_size=4"  # 16-row blocks: many, decoded in parallel
+    """Shards follow the manifest's order, so the same input gives byte-identical shards,
+    whichever actor finishes first: each input block names the shard it writes."""
+    small_blocks = "ingest.rows_per_shard=16"  # 16-row blocks: many, decoded in parallel
     first, second = (
         ingest(
             str(demo_manifest), debug_config(small_blocks, store=str(tmp_path / s)), progress=False
@@ -165,41 +169,64 @@ def test_jsonl_and_parquet_manifests_with_two_columns_of_one_kind(
         assert data["front"].shape[1:] == (3, 16, 16) and data["back"].shape[1:] == (3, 8, 8)
 
 
-def test_record_decoder_reads_local_files_inline_and_tokenizes_like_transformers(
+def test_record_decoder_writes_its_block_and_tokenizes_like_transformers(
     demo_manifest, tmp_path, debug_config
 ):
-    """The decoder without Ray: local reads use no threads, failures go to quarantine,
-    and the wordlevel tokens equal those of the ``transformers`` tokenizer it replaces."""
-    import pyarrow.parquet as pq
+    """The decoder without Ray: local reads use no threads; the block's shard, quarantine
+    part and records sidecar land in staging under the block's name; the wordlevel tokens
+    equal those of the ``transformers`` tokenizer it replaces."""
+    import hashlib
+
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
 
     from modalities import text
-    from pipelines.ingest import RecordDecoder, _fit_assets, read_manifest
+    from pipelines.ingest import RecordDecoder, StagedFile, _fit_assets, input_blocks
 
     cfg = debug_config()
     columns = {name: spec.model_dump() for name, spec in cfg.data.columns.items()}
     table, _ = read_manifest(str(demo_manifest), columns)
+    table = table.slice(0, 8)
+    audio = table.column("audio").to_pylist()
+    audio[2] = "audio/absent.wav"
+    table = table.set_column(table.schema.get_field_index("audio"), "audio", pa.array(audio))
     assets = _fit_assets(table, columns)
-    quarantine = tmp_path / "quarantine"
+    identity = identify(table, cfg, str(demo_manifest.parent))
+    staging = tmp_path / "staging"
     decoder = RecordDecoder(
-        columns, assets, str(demo_manifest.parent), cfg.data.allowed_roots, str(quarantine)
+        columns, assets, str(demo_manifest.parent), cfg.data.allowed_roots, str(staging), 3
     )
-    batch = {
-        name: column.to_numpy(zero_copy_only=False)
-        for name, column in zip(table.column_names, table.slice(0, 8).columns, strict=True)
-    }
-    batch["audio"][2] = "audio/absent.wav"
-    out = decoder(batch)
+    block = input_blocks(table, identity, 8)[0]
+    meta = decoder(BlockAccessor.for_block(block).to_batch_format("numpy"))
+    rows = [dict(zip(meta, values, strict=True)) for values in zip(*meta.values(), strict=True)]
+    files = {staged.kind: staged for staged in map(StagedFile.from_row, rows)}
     assert decoder.pool is None  # local files: no fetch threads were started
-    assert list(out["id"]) == [i for k, i in enumerate(batch["id"]) if k != 2]
-    failed = pq.read_table(next(quarantine.iterdir())).to_pylist()
-    assert [(f["id"], f["error_kind"]) for f in failed] == [(batch["id"][2], "missing_file")]
+    assert [f.path for f in files.values()] == [
+        "shards/part-00000.parquet",
+        "quarantine/part-00000.parquet",
+        "records/part-00000.parquet",
+    ]
+    for staged in files.values():
+        data = (staging / staged.path).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (staged.bytes, staged.sha256)
+    out = pq.read_table(staging / files["shard"].path).to_pydict()
+    ids = table.column("id").to_pylist()
+    assert out["id"] == [i for k, i in enumerate(ids) if k != 2]
+    assert files["quarantine"].detail == {"records": 1, "by_kind": {"missing_file": 1}}
+    failed = pq.read_table(staging / files["quarantine"].path).to_pylist()
+    assert [(f["id"], f["error_kind"]) for f in failed] == [(ids[2], "missing_file")]
+    records = pq.read_table(staging / files["records"].path).to_pydict()
+    image = (demo_manifest.parent / table.column("image")[0].as_py()).read_bytes()
+    assert records["image__sha256"][0] == hashlib.sha256(image).hexdigest()
+    assert records["audio__sha256"][2] is None and records["id"] == ids
     text_cfg = text.Config.model_validate(columns["text"])
     expected = text.load_tokenizer(text_cfg, assets["text"])(
-        list(out["text"]),
+        out["text"],
         padding="max_length",
         truncation=True,
         max_length=text_cfg.max_length,
         return_tensors="np",
     )
-    np.testing.assert_array_equal(out["text__input_ids"], expected["input_ids"])
-    np.testing.assert_array_equal(out["text__attention_mask"], expected["attention_mask"])
+    shard = pq.read_table(staging / files["shard"].path)
+    input_ids = shard.column("text__input_ids").combine_chunks().to_numpy_ndarray()
+    np.testing.assert_array_equal(input_ids, expected["input_ids"])
