@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean setup
+.PHONY: demo test lint clean setup stack stack-down
 
 setup: $(STAMP)
 
@@ -26,6 +26,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The local stack (Prefect server, S3 server, optional Ray head): see infra/README.md.
+stack: $(STAMP)
+	infra/stack.sh up
+
+stack-down:
+	infra/stack.sh down
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
