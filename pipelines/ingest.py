@@ -168,7 +168,7 @@ class RecordDecoder:
             for name, cfg in self.configs.items()
         }
         self.root = root
-        self.allowed_roots = tuple(uris.normalise(r) for r in allowed_roots)
+        self.resolver = uris.Resolver(root, tuple(allowed_roots))  # lives for one job
         self.staging, self.batch_size = staging, batch_size
         self.fetch_threads = fetch_threads
         self.pool: ThreadPoolExecutor | None = None  # started by the first remote read
@@ -178,7 +178,7 @@ class RecordDecoder:
         if not is_reference(self.kinds[name], cell):
             return cell.encode("utf-8")
         try:
-            uri = uris.resolve_under(self.root, cell, allowed=self.allowed_roots)
+            uri = self.resolver.resolve(cell)
         except ValueError as exc:
             raise DecodeError("uri_not_allowed", str(exc)) from None
         try:
