@@ -1,59 +1,266 @@
 """Prefect flows: the orchestration layer (the only chorus module that imports Prefect).
 
-Tasks are thin wrappers over importable functions and pass JSON (ids, URIs, dicts) between
-each other, never clients or tensors.
+The same flows run ad hoc (``chorus run|ingest|train|evaluate``, the demo) and as scheduled
+deployments (``chorus deploy``, ``pipelines.deploy``). Tasks are thin wrappers over
+importable functions and pass ids, URIs and the typed config between each other, never
+clients or tensors. I/O tasks retry with exponential backoff, except on a user error (a
+retry cannot fix a bad field). Every artefact record written under a flow names the flow
+and task run that produced it.
 """
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+from prefect.states import Failed
+from prefect.tasks import exponential_backoff
 
 from pipelines import report
-from pipelines.config import build
+from pipelines.config import ChorusConfig, check_objectives
+from storage.errors import UserError
+from storage.lineage import producing
+
+HOUR = 3600
 
 
-@task(name="ingest")
-def ingest_task(manifest_uri: str, config: dict[str, Any]) -> dict[str, Any]:
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+IO_RETRIES = {
+    "retries": 2,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=5),
+    "retry_condition_fn": _retry_unless_user_error,
+}
+
+
+@contextmanager
+def _produced_here():
+    """Lineage records written inside name this flow run and task run."""
+    with producing(
+        prefect_flow_run=str(runtime.flow_run.id) if runtime.flow_run.id else None,
+        prefect_task_run=str(runtime.task_run.id) if runtime.task_run.id else None,
+    ):
+        yield
+
+
+@task(name="ingest", timeout_seconds=6 * HOUR, **IO_RETRIES)
+def ingest_task(manifest_uri: str, config: ChorusConfig) -> dict[str, Any]:
     from pipelines.ingest import ingest
 
-    return ingest(manifest_uri, build(config))
+    with _produced_here():
+        dataset = ingest(manifest_uri, config, progress=False)
+    get_run_logger().info(
+        "dataset %s%s: %s rows, %s quarantined",
+        dataset["id"],
+        " (reused)" if dataset["summary"]["reused"] else "",
+        dataset["rows"],
+        dataset["quarantine"]["rows"],
+    )
+    return dataset
 
 
-@task(name="train", task_run_name="train-{objective}")
+@task(name="train", task_run_name="train-{objective}", timeout_seconds=48 * HOUR)
 def train_task(
-    dataset_id: str, objective: str, options: dict[str, Any], config: dict[str, Any]
+    dataset_id: str, objective: str, options: dict[str, Any], config: ChorusConfig
 ) -> dict[str, Any]:
     from pipelines.train.launch import train
 
-    return train(dataset_id, build(config), objective, options)
+    with _produced_here():
+        run = train(dataset_id, config, objective, options)
+    get_run_logger().info("run %s: checkpoint %s", run["run"], run["checkpoint"])
+    return run
 
 
-@task(name="evaluate")
-def evaluate_task(checkpoint_uri: str, dataset_id: str, config: dict[str, Any]) -> dict[str, Any]:
+@task(name="evaluate", timeout_seconds=6 * HOUR, **IO_RETRIES)
+def evaluate_task(checkpoint: str, dataset_id: str, config: ChorusConfig) -> dict[str, Any]:
     from pipelines.train.evaluate import evaluate
 
-    return evaluate(checkpoint_uri, dataset_id, build(config))
+    with _produced_here():
+        evaluation = evaluate(checkpoint, dataset_id, config)
+    get_run_logger().info("%s: %s", evaluation["objective"], report.headline(evaluation))
+    return evaluation
 
 
-@task(name="record")
+@task(name="record", timeout_seconds=HOUR, **IO_RETRIES)
 def record_task(
-    dataset: dict[str, Any], runs: dict[str, Any], evaluations: dict[str, Any], config: dict
+    dataset: dict[str, Any],
+    runs: dict[str, Any],
+    evaluations: dict[str, Any],
+    config: ChorusConfig,
 ) -> dict[str, Any]:
-    return report.write(build(config), dataset, runs, evaluations)
+    with _produced_here():
+        return report.write(config, dataset, runs, evaluations)
+
+
+def _objectives(config: ChorusConfig, objectives: dict[str, dict] | None) -> dict[str, dict]:
+    return objectives or {config.train.objective: dict(config.train.objective_options)}
+
+
+def _user_errors_fail_in_one_line(function):
+    """In a deployment run, a user error ends the run as Failed with its one-line message
+    (no traceback); called ad hoc, the error propagates to the caller (the CLI prints it)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except UserError as exc:
+            if runtime.deployment.id is None:
+                raise
+            get_run_logger().error("error: %s", exc)
+            return Failed(message=f"error: {exc}")
+
+    return run
+
+
+@flow(name="chorus-ingest")
+@_user_errors_fail_in_one_line
+def ingest_flow(manifest_uri: str, config: ChorusConfig) -> dict[str, Any]:
+    """Manifest -> a published dataset version (reused when its content is unchanged)."""
+    dataset = ingest_task(manifest_uri, config)
+    links = {dataset["id"]: _dataset_uri(config, dataset["id"])}
+    _artefacts({"dataset": dataset["id"]}, [_dataset_row(dataset)], links)
+    return dataset
+
+
+@flow(name="chorus-train")
+@_user_errors_fail_in_one_line
+def train_flow(
+    source: str, config: ChorusConfig, objectives: dict[str, dict] | None = None
+) -> dict[str, Any]:
+    """Train one model per objective on ``source``: a dataset id, or a manifest to ingest
+    first (an unchanged input reuses its dataset version)."""
+    check_objectives(config)
+    is_dataset = source.startswith("ds-") and not any(c in source for c in "/.")
+    dataset_id = source if is_dataset else ingest_task(source, config)["id"]
+    runs = {
+        name: train_task(dataset_id, name, options, config)
+        for name, options in _objectives(config, objectives).items()
+    }
+    rows = [{"artefact": r["run"], "kind": "run", **_numbers(r["metrics"])} for r in runs.values()]
+    links = {run["run"]: run["checkpoint"] for run in runs.values()}
+    _artefacts({"dataset": dataset_id}, rows, links)
+    return {"dataset": dataset_id, "runs": runs}
+
+
+@flow(name="chorus-evaluate")
+@_user_errors_fail_in_one_line
+def evaluate_flow(checkpoint: str, dataset_id: str, config: ChorusConfig) -> dict[str, Any]:
+    """Retrieval and zero-shot metrics of one checkpoint on one dataset version."""
+    evaluation = evaluate_task(checkpoint, dataset_id, config)
+    row = {"artefact": evaluation["evaluation"], "kind": "evaluation", "rows": evaluation["rows"]}
+    links = {evaluation["evaluation"]: evaluation["uri"]}
+    _artefacts({}, [row | _headline(evaluation)], links)
+    return evaluation
 
 
 @flow(name="chorus-end-to-end")
-def end_to_end(manifest_uri: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Ingest -> train one model per objective -> evaluate each -> record the comparison."""
-    cfg = build(config)  # fail on a bad config before any work
-    logger = get_run_logger()
+@_user_errors_fail_in_one_line
+def end_to_end(
+    manifest_uri: str, config: ChorusConfig, objectives: dict[str, dict] | None = None
+) -> dict[str, Any]:
+    """Ingest -> train one model per objective -> evaluate each -> record the comparison.
+
+    ``objectives`` maps a name to its options (default: ``train.objective``); the demo
+    passes ``demo.objectives``.
+    """
+    check_objectives(config)
     dataset = ingest_task(manifest_uri, config)
-    logger.info("dataset %s: %s", dataset["id"], dataset["summary"])
     runs, evaluations = {}, {}
-    for objective, options in cfg.demo.objectives.items():
-        runs[objective] = train_task(dataset["id"], objective, options, config)
-        evaluations[objective] = evaluate_task(runs[objective]["checkpoint"], dataset["id"], config)
-        logger.info("%s: %s", objective, report.headline(evaluations[objective]))
-    return record_task(dataset, runs, evaluations, config)
+    for name, options in _objectives(config, objectives).items():
+        runs[name] = train_task(dataset["id"], name, options, config)
+        evaluations[name] = evaluate_task(runs[name]["checkpoint"], dataset["id"], config)
+    summary = record_task(dataset, runs, evaluations, config)
+    rows = [_dataset_row(dataset)] + [
+        {"artefact": ev["evaluation"], "kind": f"evaluation ({name})", "rows": ev["rows"]}
+        | _headline(ev)
+        for name, ev in evaluations.items()
+    ]
+    links = {dataset["id"]: _dataset_uri(config, dataset["id"]), summary["report"]: summary["uri"]}
+    links |= {run["run"]: run["checkpoint"] for run in runs.values()}
+    _artefacts({"dataset": dataset["id"]}, rows, links, markdown=report.render(summary))
+    return summary
+
+
+def _dataset_uri(config: ChorusConfig, dataset_id: str) -> str:
+    from storage.artefacts import Store
+
+    return Store.open(config.store).dataset_uri(dataset_id)
+
+
+def _dataset_row(dataset: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "artefact": dataset["id"],
+        "kind": "dataset" + (" (reused)" if dataset["summary"]["reused"] else ""),
+        "rows": dataset["rows"],
+        "quarantined": dataset["quarantine"]["rows"],
+    }
+
+
+def _headline(evaluation: dict[str, Any]) -> dict[str, Any]:
+    keys = ("class_accuracy", "zero_shot_accuracy", "R@1", "mrr")
+    return {key: round(evaluation[key], 4) for key in keys if key in evaluation}
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) for k, v in metrics.items() if k in ("loss", "val_loss", "step")}
+
+
+def _artefacts(
+    context: dict[str, str],
+    rows: list[dict[str, Any]],
+    links: dict[str, str],
+    markdown: str | None = None,
+) -> None:
+    """The flow run's Prefect artifacts: a table of its outputs, links to their store URIs
+    and, for the end-to-end flow, the report."""
+    description = ", ".join(f"{k} {v}" for k, v in context.items()) or None
+    columns = sorted({key for row in rows for key in row}, key=[k for r in rows for k in r].index)
+    create_table_artifact(
+        [{c: row.get(c) for c in columns} for row in rows],
+        key="chorus-outputs",
+        description=description,
+    )
+    for artefact_id, uri in links.items():
+        create_link_artifact(uri, link_text=artefact_id, key="chorus-output-link")
+    if markdown is not None:
+        create_markdown_artifact(f"```\n{markdown}\n```", key="chorus-report")
+
+
+FLOWS = {"end_to_end": end_to_end, "ingest": ingest_flow, "train": train_flow}
+
+
+def serve(specs: list, *, pause_on_shutdown: bool = False) -> None:
+    """Register ``specs`` (``pipelines.deploy.DeploymentSpec``) with the Prefect server and
+    run their scheduled and manual runs until interrupted. Stopping ends the runs' processes;
+    schedules stay active unless ``pause_on_shutdown``."""
+    from prefect import serve as prefect_serve
+    from prefect.deployments.runner import EntrypointType
+
+    deployments = [
+        FLOWS[spec.flow].to_deployment(
+            name=spec.name,
+            cron=spec.cron,
+            interval=spec.interval,
+            parameters=spec.parameters(),
+            tags=["chorus"],
+            entrypoint_type=EntrypointType.MODULE_PATH,  # runs import chorus, not a file path
+        )
+        for spec in specs
+    ]
+    prefect_serve(*deployments, pause_on_shutdown=pause_on_shutdown)

@@ -6,6 +6,8 @@ S3 client can read the story of a dataset, checkpoint or evaluation without chor
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
 import getpass
 import hashlib
@@ -19,6 +21,29 @@ from pathlib import Path
 from typing import Any
 
 _PACKAGES = ("pipelines", "modalities", "storage")
+
+# Who is producing artefacts right now (e.g. the Prefect flow and task run ids): set by the
+# orchestration layer, read by every record, so lower layers need not know about Prefect.
+_producer: contextvars.ContextVar[tuple[tuple[str, Any], ...]] = contextvars.ContextVar(
+    "producer", default=()
+)
+
+
+@contextlib.contextmanager
+def producing(**ids: Any):
+    """Records created inside carry ``ids`` (merged over an enclosing ``producing``)."""
+    merged = dict(_producer.get()) | {k: v for k, v in ids.items() if v is not None}
+    token = _producer.set(tuple(merged.items()))
+    try:
+        yield
+    finally:
+        _producer.reset(token)
+
+
+def current_producer() -> dict[str, Any]:
+    return dict(_producer.get())
+
+
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,7 +97,7 @@ class LineageRecord:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    producer: dict[str, Any] = field(default_factory=dict)
+    producer: dict[str, Any] = field(default_factory=current_producer)
     code: dict[str, Any] = field(default_factory=code_version)
     created_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

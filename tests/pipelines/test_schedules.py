@@ -1,0 +1,253 @@
+"""Scheduled deployments on a real Prefect server, started by the local stack script.
+
+One stack (``infra/stack.sh``: ``prefect server start`` + a moto S3 server) for the module,
+with the scheduler loop lowered so an interval schedule fires within seconds. ``chorus
+deploy --file`` serves two deployments from one process: one that succeeds on a schedule
+and on demand (``prefect deployment run``), one whose input is missing and must fail
+readably. Stopping ``chorus deploy`` and ``stack.sh down`` must leave no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _session_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        for pair in line.removeprefix("export ").split():
+            key, _, value = pair.partition("=")
+            values[key] = value
+    return values
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """The stack's env file values, plus the environment its users need."""
+    state = tmp_path_factory.mktemp("stack")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    env = base | {
+        "CHORUS_STACK_DIR": str(state),
+        "CHORUS_STACK_PREFECT_PORT": str(_free_port()),
+        "CHORUS_STACK_S3_PORT": str(_free_port()),
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "1",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
+    script = str(ROOT / "infra" / "stack.sh")
+    subprocess.run([script, "up"], env=env, check=True, timeout=240, capture_output=True)
+    pgids = [int((state / f"{name}.pid").read_text()) for name in ("prefect", "s3")]
+    users = base | _read_env(state / "env")
+    users |= {"PREFECT_HOME": str(state / "client-home"), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    yield users
+    out = subprocess.run([script, "down"], env=env, timeout=60, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert not any(_session_alive(pgid) for pgid in pgids), "stack.sh down left processes"
+    assert not (state / "env").exists()
+
+
+def _api(env: dict[str, str], method: str, path: str, **kwargs):
+    response = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=10, **kwargs)
+    response.raise_for_status()
+    return response.json()
+
+
+def _runs(env: dict[str, str], deployment_id: str) -> list[dict]:
+    body = {"deployments": {"id": {"any_": [deployment_id]}}}
+    return _api(env, "POST", "/flow_runs/filter", json=body)
+
+
+def _wait(predicate, seconds: float, what: str, explain=lambda: ""):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(2)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}: {explain()}")
+
+
+def _deployment_id(env: dict[str, str], name: str) -> str:
+    return _api(env, "GET", f"/deployments/name/{name}")["id"]
+
+
+@pytest.mark.slow
+def test_scheduled_and_manual_runs_on_a_real_server(stack, demo_manifest, tmp_path):
+    env = stack
+    bucket_prefix = env["CHORUS_STORE"]
+    deployments = tmp_path / "deployments.yaml"
+    common = ["ingest.batch_size=32", f"store={bucket_prefix}"]
+    deployments.write_text(
+        yaml.safe_dump(
+            {
+                "deployments": [
+                    {
+                        "name": "tiny",
+                        "flow": "ingest",
+                        "manifest": str(demo_manifest),
+                        "interval": 30,
+                        "set": common,
+                        "config": "debug.yaml",
+                    },
+                    {
+                        "name": "broken",
+                        "flow": "ingest",
+                        "manifest": str(tmp_path / "missing.csv"),
+                        "cron": "0 0 1 1 *",
+                        "set": common,
+                        "config": "debug.yaml",
+                    },
+                ]
+            }
+        )
+    )
+    subprocess.run(
+        [BIN / "chorus", "config", "--preset", "debug"],
+        stdout=(tmp_path / "debug.yaml").open("w"),
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    serving = subprocess.Popen(
+        [BIN / "chorus", "deploy", "--file", str(deployments)],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        tiny = _wait(lambda: _try(_deployment_id, env, "chorus-ingest/tiny"), 90, "the deployment")
+        scheduled = _wait(
+            lambda: [
+                r
+                for r in _runs(env, tiny)
+                if "auto-scheduled" in r["tags"] and r["state_type"] == "COMPLETED"
+            ],
+            180,
+            "a scheduled run to complete",
+            lambda: [(r["state_type"], r["state"]["message"]) for r in _runs(env, tiny)],
+        )
+        assert scheduled[0]["parameters"]["manifest_uri"] == str(demo_manifest)
+
+        started = subprocess.run(
+            [BIN / "prefect", "deployment", "run", "chorus-ingest/broken"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        broken = _deployment_id(env, "chorus-ingest/broken")
+        failed = _wait(
+            lambda: [r for r in _runs(env, broken) if r["state_type"] in ("FAILED", "CRASHED")],
+            120,
+            "the broken run to fail",
+        )[0]
+        assert failed["state_type"] == "FAILED"
+        assert failed["state"]["message"].startswith("error: cannot read manifest")
+    finally:
+        serving.send_signal(signal.SIGINT)
+        try:
+            serving.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+            raise
+    output = serving.stdout.read()
+    assert "serving chorus-ingest/tiny, chorus-ingest/broken" in output
+    time.sleep(1)
+    assert not _session_alive(serving.pid), "chorus deploy left run processes behind"
+    schedules = _api(env, "GET", f"/deployments/{tiny}")
+    assert not schedules["paused"], "stopping chorus deploy paused the schedule"
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    bucket, _, prefix = bucket_prefix.removeprefix("s3://").partition("/")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    assert any(k.endswith("/manifest.json") and "/datasets/" in k for k in keys), keys
+
+
+def _try(function, *args):
+    try:
+        return function(*args)
+    except httpx.HTTPStatusError:
+        return None
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deployments_run_on_a_process_worker(stack, demo_manifest, tmp_path):
+    env = stack | {"CHORUS_MANIFEST": str(demo_manifest)}
+
+    def prefect(*args: str) -> str:
+        out = subprocess.run(
+            [BIN / "prefect", "--no-prompt", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    prefect("work-pool", "create", "chorus", "--type", "process")
+    prefect("deploy", "--all", "--prefect-file", str(ROOT / "infra" / "prefect.yaml"))
+    nightly = _api(env, "GET", "/deployments/name/chorus-ingest/nightly-ingest")
+    assert nightly["parameters"]["manifest_uri"] == str(demo_manifest)
+    assert nightly["work_pool_name"] == "chorus"
+    assert _deployment_id(env, "chorus-end-to-end/weekly-retrain")
+    prefect("deployment", "run", "chorus-ingest/nightly-ingest")
+    worker = subprocess.Popen(
+        [BIN / "prefect", "worker", "start", "--pool", "chorus"],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait(
+            lambda: [r for r in _runs(env, nightly["id"]) if r["state_type"] == "COMPLETED"],
+            180,
+            "the worker's run to complete",
+            lambda: [(r["state_type"], r["state"]["message"]) for r in _runs(env, nightly["id"])],
+        )
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=60)
+    time.sleep(1)
+    assert not _session_alive(worker.pid), "the worker left run processes behind"
