@@ -11,13 +11,28 @@ from pathlib import Path
 from typing import Any
 
 DEMO_DATA_DIR = ".chorus/demo-data"
+DEFAULT_CONFIG = "chorus.yaml"  # read from the working directory when --config is not given
 
 
-def _config_options() -> argparse.ArgumentParser:
+def _config_options(
+    preset: str = "base", default_file: str | None = DEFAULT_CONFIG
+) -> argparse.ArgumentParser:
+    from pipelines.presets import PRESETS
+
     parent = argparse.ArgumentParser(add_help=False)
+    parent.set_defaults(default_config=default_file)
     group = parent.add_argument_group("configuration")
-    group.add_argument("--preset", default="demo", help="named preset to start from (demo, debug)")
-    group.add_argument("--config", metavar="FILE", help="YAML file merged over the preset")
+    group.add_argument(
+        "--preset",
+        default=preset,
+        help=f"named preset to start from: {', '.join(sorted(PRESETS))} (default: {preset})",
+    )
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML file over the preset"
+        + (f" (default: ./{default_file} when it exists)" if default_file else ""),
+    )
     group.add_argument(
         "--set",
         dest="overrides",
@@ -35,9 +50,14 @@ def _load_config(args: argparse.Namespace):
     from pipelines.config import load
 
     overrides = list(args.overrides)
+    if getattr(args, "objective", None):
+        overrides.append(f"train.objective={args.objective}")
     if args.store:
         overrides.append(f"store={args.store}")
-    return load(args.preset, args.config, overrides)
+    path = args.config
+    if path is None and args.default_config and Path(args.default_config).is_file():
+        path = args.default_config
+    return load(args.preset, path, overrides)
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -64,10 +84,11 @@ def _stdout_reserved_for_results(args: argparse.Namespace):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import demo_data, report
-    from pipelines.config import to_dict
+    from pipelines.config import check_objectives, to_dict
     from pipelines.runtime import configure_prefect_defaults
 
     cfg = _load_config(args)
+    check_objectives(cfg)
     configure_prefect_defaults()
     folder = Path(DEMO_DATA_DIR, f"size{cfg.demo.size}-seed{cfg.demo.seed}")
     manifest = folder / "manifest.csv"
@@ -106,9 +127,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.config import check_objectives
     from pipelines.train.launch import train
 
     cfg = _load_config(args)
+    check_objectives(cfg)
     result = train(args.dataset, cfg, args.objective)
     _emit(args, result, f"run {result['run']}: checkpoint {result['checkpoint']}")
     return 0
@@ -158,6 +181,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return xor.main(args.rest)
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from pipelines import init
+
+    found = init.write(args.manifest, args.output, force=args.force)
+    lines = [f"{c.name}: {c.settings['kind']}, {c.seen}" for c in found.columns]
+    lines += [f"not used: {name}: {why}" for name, why in found.skipped.items()]
+    lines.append(f"splits: {', '.join(f'{k} ({n})' for k, n in sorted(found.splits.items()))}")
+    if found.label_classes is not None:
+        lines.append(f"label: {found.label_classes} classes")
+    lines.append(f"wrote {args.output}: edit it, then `chorus ingest {args.manifest}`")
+    _emit(args, {"config": str(args.output), **found.to_json()}, "\n".join(lines))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -184,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conf = _config_options()
 
-    p = sub.add_parser("demo", parents=[conf], help="generate demo data and run end to end")
+    p = sub.add_parser(
+        "demo",
+        parents=[_config_options(preset="demo", default_file=None)],
+        help="generate demo data and run end to end",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("demo-data", help="write the synthetic four-modality demo data set")
@@ -227,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["xor"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the experiment")
     p.set_defaults(func=cmd_experiment, json=False, plain_stdout=True)  # prints its own output
+
+    p = sub.add_parser("init", help="write a starting config for a manifest (chorus.yaml)")
+    p.add_argument("manifest", help="CSV, JSONL or Parquet manifest (path or s3:// URI)")
+    p.add_argument("-o", "--output", default=DEFAULT_CONFIG, help="config file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("config", parents=[conf], help="print the resolved configuration")
     p.set_defaults(func=cmd_config)

@@ -1,12 +1,15 @@
-"""Named configuration presets; variants derive from ``demo``."""
+"""Named configuration presets, as plain dicts: ``base`` (no data columns: the user's config
+names them, ``chorus init`` writes one), ``demo`` (base + the demo data's columns, task and
+objectives) and ``debug`` (the demo, tiny and fast).
+
+This module imports nothing of chorus: the config layer builds on it without a cycle.
+"""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 from typing import Any
-
-from pipelines.config import deep_merge
 
 DEMO_COLUMNS = {
     "image": {"kind": "image", "size": 32},
@@ -21,10 +24,25 @@ DEMO_COLUMNS = {
 SYMILE = {"negative_sampling": "n", "mip_scaling": True}
 
 
-def demo() -> dict[str, Any]:
-    """The four-modality demo: Symile vs CLIP on the generated M3-like data."""
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, mappings merged key by key. A ``None`` value deletes the key
+    ``base`` has (the field takes its default, a column or objective is dropped); where
+    ``base`` lacks the key, ``None`` is kept as the value (e.g. ``reference_split: null``)."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if value is None and key in merged:
+            del merged[key]
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def base() -> dict[str, Any]:
+    """Settings for any data: no columns (the user's config names them), no evaluation
+    target (the dataset's first column unless the config names one)."""
     return {
-        "data": {"columns": copy.deepcopy(DEMO_COLUMNS)},
         "train": {
             "objective": "symile",
             "objective_options": dict(SYMILE),
@@ -32,11 +50,22 @@ def demo() -> dict[str, Any]:
             "batch_size": 128,
             "lr": 2e-3,
         },
-        # The acceptance task: the image's digit is fixed by text and audio jointly, by
-        # neither alone, so only a higher-order score can retrieve it (the sweep has the rest).
-        "evaluate": {"target": "image", "query": ["text", "audio"]},
-        "demo": {"objectives": {"symile": dict(SYMILE), "clip": {"mode": "all_pairs"}}},
     }
+
+
+def demo() -> dict[str, Any]:
+    """The four-modality demo: Symile vs CLIP on the generated M3-like data."""
+    return deep_merge(
+        base(),
+        {
+            "data": {"columns": copy.deepcopy(DEMO_COLUMNS)},
+            # The acceptance task: the image's digit is fixed by text and audio jointly, by
+            # neither alone, so only a higher-order score can retrieve it (the sweep has the
+            # rest).
+            "evaluate": {"target": "image", "query": ["text", "audio"]},
+            "demo": {"objectives": {"symile": dict(SYMILE), "clip": {"mode": "all_pairs"}}},
+        },
+    )
 
 
 def debug() -> dict[str, Any]:
@@ -53,7 +82,7 @@ def debug() -> dict[str, Any]:
     )
 
 
-PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"demo": demo, "debug": debug}
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"base": base, "demo": demo, "debug": debug}
 
 
 def get_preset(name: str) -> dict[str, Any]:

@@ -15,19 +15,20 @@ Each objective also exposes ``init_logit_scale`` (theta at init), ``max_logit_sc
 theta to [0, this] after each optimizer step, or None), ``init_logit_bias`` and
 ``score(query, candidates, logit_scale) -> (Nq, Nc)`` for retrieval / zero-shot.
 The math of each is in REFERENCES §1; the missing-data policy is in each class docstring.
+
+The registry knows the built-in objectives by ``"module:Class"`` path and imports one on
+first use: listing or checking names (``names()``, config validation) needs no torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from torch import Tensor
-
-from pipelines.train.objectives.multiview import MvDhel, MvInfoNce
-from pipelines.train.objectives.pairwise import Clip, Dcl, Siglip
-from pipelines.train.objectives.symile import Symile
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["Objective", "get_objective", "names", "register"]
 
@@ -53,14 +54,23 @@ class Objective(Protocol):
     ) -> Tensor: ...
 
 
-_REGISTRY: dict[str, Callable[..., Objective]] = {}
+_REGISTRY: dict[str, Callable[..., Objective] | str] = {}
 
 
-def register(name: str, factory: Callable[..., Objective]) -> None:
-    """Add an objective factory (a class taking keyword-only options) under ``name``."""
+def register(name: str, factory: Callable[..., Objective] | str) -> None:
+    """Add an objective factory (a class taking keyword-only options) under ``name``, or its
+    ``"module:attribute"`` path, imported when the objective is first built."""
     if name in _REGISTRY:
         raise ValueError(f"objective {name!r} is already registered")
     _REGISTRY[name] = factory
+
+
+def _factory(name: str) -> Callable[..., Objective]:
+    factory = _REGISTRY[name]
+    if isinstance(factory, str):
+        module, _, attribute = factory.partition(":")
+        factory = _REGISTRY[name] = getattr(importlib.import_module(module), attribute)
+    return factory
 
 
 def names() -> list[str]:
@@ -76,7 +86,7 @@ def get_objective(name: str, **options: object) -> Objective:
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown objective {name!r}; valid names: {names()}")
-    factory = _REGISTRY[name]
+    factory = _factory(name)
     valid = [p for p in inspect.signature(factory).parameters if p not in ("self",)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -84,9 +94,9 @@ def get_objective(name: str, **options: object) -> Objective:
     return factory(**options)
 
 
-register("clip", Clip)
-register("symile", Symile)
-register("siglip", Siglip)
-register("dcl", Dcl)
-register("mv_infonce", MvInfoNce)
-register("mv_dhel", MvDhel)
+register("clip", "pipelines.train.objectives.pairwise:Clip")
+register("symile", "pipelines.train.objectives.symile:Symile")
+register("siglip", "pipelines.train.objectives.pairwise:Siglip")
+register("dcl", "pipelines.train.objectives.pairwise:Dcl")
+register("mv_infonce", "pipelines.train.objectives.multiview:MvInfoNce")
+register("mv_dhel", "pipelines.train.objectives.multiview:MvDhel")
