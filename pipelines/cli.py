@@ -144,6 +144,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     result = evaluate(args.checkpoint, args.dataset, cfg)
     lines = [f"{result['evaluation']}: {report.headline(result)}"]
+    reference = result["reference"]
+    lines.append(
+        f"reference for zero-shot and averaging: {reference['split']} "
+        f"({reference['source']}, {reference['rows']} rows)"
+        if reference
+        else "reference: none (modality means of the evaluated split)"
+    )
+    if "zero_shot" in result:
+        lines.append(f"zero-shot: {result['zero_shot']}")
     lines += report.sweep_lines({result["objective"]: result}) + [f"stored: {result['uri']}"]
     _emit(args, result, "\n".join(lines))
     return 0
@@ -158,6 +167,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from pipelines.dataset import DatasetVersion
+    from storage.artefacts import Store
+
+    dataset = DatasetVersion.open(Store.open(args.store, create=False), args.dataset)
+    records = dataset.quarantine(args.kind).to_pylist()
+    lines = [
+        f"{r['id']}  {r['modality']}  {r['error_kind']}  {r['uri']}  {r['message']}"
+        for r in records
+    ]
+    of_kind = f" of kind {args.kind}" if args.kind else ""
+    _emit(args, records, "\n".join(lines) or f"no quarantined records{of_kind} in {dataset.id}")
+    return 0
+
+
 def cmd_artefacts(args: argparse.Namespace) -> int:
     from storage.artefacts import Store
 
@@ -168,7 +192,12 @@ def cmd_artefacts(args: argparse.Namespace) -> int:
         _emit(args, records, "\n".join(lines) or f"no artefacts in {store.root}")
     elif args.action == "show":
         record = store.lineage(args.id)
-        _emit(args, record, json.dumps(record, indent=2))
+        text = json.dumps(record, indent=2)
+        if record["kind"] == "dataset" and not args.json:
+            from pipelines.dataset import DatasetVersion
+
+            text = DatasetVersion.open(store, args.id).describe()
+        _emit(args, record, text)
     else:
         files = store.download(args.id, args.dest)
         _emit(args, [str(f) for f in files], f"downloaded {len(files)} files to {args.dest}")
@@ -245,15 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[conf], help="retrieval metrics of a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint URI (see `chorus artefacts list --kind run`)")
-    p.add_argument("dataset")
+    checkpoint_help = (
+        "run id (see `chorus artefacts list --kind run`), checkpoint folder or checkpoint URI"
+    )
+    dataset_help = "dataset id (default: the dataset the run trained on)"
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("dataset", nargs="?", help=dataset_help)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("embed", parents=[conf], help="export embeddings of a split as Parquet")
-    p.add_argument("checkpoint")
-    p.add_argument("dataset")
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("dataset", nargs="?", help=dataset_help)
     p.add_argument("--split", help="split to embed (default: evaluate.split)")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("quarantine", help="list a dataset's quarantined records and why")
+    p.add_argument("dataset", help="dataset id (see `chorus artefacts list --kind dataset`)")
+    p.add_argument("--kind", help="only this error kind (e.g. missing_file, unsupported_format)")
+    p.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
+    p.add_argument("--json", action="store_true", help="print the records as JSON on stdout")
+    p.set_defaults(func=cmd_quarantine)
 
     p = sub.add_parser("artefacts", help="list, show or download stored artefacts")
     p.add_argument("action", choices=["list", "show", "get"])

@@ -27,6 +27,13 @@ A task uses only rows where its target and every query modality are present, so 
 missing one modality leaves only the tasks involving it (REFERENCES §3). The headline task
 is ``evaluate.target`` given ``evaluate.query``; with ``evaluate.sweep`` every target x every
 non-empty subset of the other modalities is evaluated as well (under ``"sweep"``).
+
+The model, its columns and its objective come from the checkpoint (a run id, a checkpoint
+folder or URI); the dataset defaults to the one the run trained on; the target defaults to
+the model's first column. The reference split (``evaluate.reference_split``, default
+``val``) of a dataset trained without a ``val`` split is the rows the run held out (its
+config's ``validation`` record). Results record where the reference rows came from
+(``reference``) and, when there is no zero-shot, why (``zero_shot``).
 """
 
 from __future__ import annotations
@@ -44,11 +51,14 @@ import numpy as np
 import torch
 
 from pipelines.config import ChorusConfig, EvalConfig, to_dict
-from pipelines.dataset import DatasetVersion
-from pipelines.train.loop import load_checkpoint_dir
+from pipelines.console import progress
+from pipelines.dataset import DatasetVersion, SplitTooSmall
+from pipelines.train.loop import CONFIG_FILE, load_checkpoint_dir
+from pipelines.train.model import ChorusModel
 from pipelines.train.objectives import get_objective
 from storage import fs, uris
-from storage.artefacts import Store
+from storage.artefacts import ArtefactNotFound, Store
+from storage.errors import UserError
 from storage.lineage import LineageRecord, digest_of
 
 # (query features by modality, candidate features) -> (queries, candidates) scores
@@ -221,13 +231,22 @@ def evaluate_task(
     return entry
 
 
-def sweep(split: Embedded, modalities: Sequence[str], score: Score, **options) -> list[dict]:
-    """:func:`evaluate_task` for every target x every non-empty subset of the others."""
-    return [
-        evaluate_task(split, target, query, score, **options)
-        for target in modalities
-        for query in query_sets(target, modalities)
-    ]
+def sweep(
+    split: Embedded,
+    modalities: Sequence[str],
+    score: Score,
+    on_task: Callable[[], Any] | None = None,
+    **options,
+) -> list[dict]:
+    """:func:`evaluate_task` for every target x every non-empty subset of the others;
+    ``on_task`` is called after each (a progress bar's ``update``)."""
+    entries = []
+    for target in modalities:
+        for query in query_sets(target, modalities):
+            entries.append(evaluate_task(split, target, query, score, **options))
+            if on_task is not None:
+                on_task()
+    return entries
 
 
 @contextmanager
@@ -295,103 +314,197 @@ def reference_prototypes(
     return prototypes
 
 
-def _open(checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig):
-    """The store, the dataset version, and the model rebuilt from its checkpoint."""
-    store = Store.open(cfg.store)
-    dataset = DatasetVersion.open(store, dataset_id)
-    with local_checkpoint(checkpoint_uri) as directory:
+class CheckpointNotFound(UserError, LookupError):
+    """The CHECKPOINT named is neither a run id nor a checkpoint folder or URI."""
+
+
+class EvaluationSetupError(UserError, ValueError):
+    """An evaluation setting does not fit the model (the message names the field)."""
+
+
+def resolve_checkpoint(store: Store, reference: str) -> str:
+    """The checkpoint URI named by ``reference``: a run id (its lineage record holds the
+    checkpoint it selected), a checkpoint URI, or a local checkpoint folder."""
+    if "/" not in reference:  # a run id (a folder in the current directory also qualifies)
+        try:
+            record = store.lineage(reference)
+        except ArtefactNotFound:
+            record = None
+        if record is not None and record["kind"] == "run":
+            return record["uri"]
+        if record is not None:
+            raise CheckpointNotFound(f"{reference!r} is a {record['kind']}, not a run")
+    uri = uris.normalise(reference)
+    if fs.exists(uris.join(uri, CONFIG_FILE)):
+        return uri
+    raise CheckpointNotFound(
+        f"no run or checkpoint {reference!r} in {store.root}: pass a run id "
+        "(`chorus artefacts list --kind run`), a checkpoint folder or its URI"
+    )
+
+
+def run_view(dataset: DatasetVersion, config: dict[str, Any]) -> DatasetVersion:
+    """``dataset`` as the run saw it: when the run trained on it without a 'val' split, its
+    'val' is the same held-out training rows (rebuilt from the run's ``validation`` record)."""
+    validation = config.get("validation") or {}
+    if validation.get("source") != "holdout" or dataset.id != config["dataset_id"]:
+        return dataset
+    return dataset.holding_out(validation["fraction"], validation["rows"])
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What an evaluation or an export works on, resolved from the command's arguments."""
+
+    store: Store
+    checkpoint_uri: str
+    dataset: DatasetVersion
+    model: ChorusModel
+    config: dict[str, Any]  # the checkpoint's run config
+
+
+def open_checkpoint(checkpoint: str, dataset_id: str | None, cfg: ChorusConfig) -> Opened:
+    """The model rebuilt from its checkpoint and the dataset (default: the one it trained on)."""
+    store = Store.open(cfg.store, create=False)
+    uri = resolve_checkpoint(store, checkpoint)
+    with local_checkpoint(uri) as directory:
         model, config = load_checkpoint_dir(directory)
-    return store, dataset, model, config
+    dataset = DatasetVersion.open(store, dataset_id or config["dataset_id"])
+    return Opened(store, uri, run_view(dataset, config), model, config)
+
+
+def _require_rows(dataset: DatasetVersion, split: str, field: str) -> None:
+    if dataset.split_size(split) == 0:
+        raise SplitTooSmall(
+            f"{field}={split!r}: dataset {dataset.id} has no rows in that split "
+            f"(splits: {dataset.splits})"
+        )
 
 
 def export_embeddings(
-    checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig, split: str | None = None
+    checkpoint: str, dataset_id: str | None, cfg: ChorusConfig, split: str | None = None
 ) -> dict[str, Any]:
-    """``id`` + one embedding column per modality as Parquet in the store, with lineage."""
+    """``id`` + per modality an embedding column and a ``<column>_present`` flag (an absent
+    value's embedding is the model's learned "missing" vector), as Parquet with lineage."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    store, dataset, model, _ = _open(checkpoint_uri, dataset_id, cfg)
+    opened = open_checkpoint(checkpoint, dataset_id, cfg)
+    dataset, model = opened.dataset, opened.model
+    _require_rows(dataset, split or cfg.evaluate.split, "--split" if split else "evaluate.split")
     split = split or cfg.evaluate.split
     data = dataset.to_numpy(split, model.tensor_columns())
-    features = embed(model, data)
+    embedded = embed_split(model, data)
     columns = {"id": pa.array(data["id"].tolist(), pa.string())}
-    for name, values in features.items():
+    for name, values in embedded.features.items():
         columns[name] = pa.FixedSizeListArray.from_arrays(
             pa.array(values.numpy().ravel()), values.shape[1]
         )
-    embedding_id = f"em-{digest_of(checkpoint_uri, dataset_id, split)[:12]}"
-    target = store.uri("embeddings", embedding_id)
+        columns[f"{name}_present"] = pa.array(embedded.present[name], pa.bool_())
+    embedding_id = f"em-{digest_of(opened.checkpoint_uri, dataset.id, split)[:12]}"
+    target = opened.store.uri("embeddings", embedding_id)
     sink = io.BytesIO()
     pq.write_table(pa.table(columns), sink)
     fs.write_bytes(uris.join(target, "embeddings.parquet"), sink.getvalue())
-    store.record(
+    dim = int(next(iter(embedded.features.values())).shape[1])
+    opened.store.record(
         LineageRecord(
             id=embedding_id,
             kind="embedding",
             uri=target,
-            inputs=[{"uri": checkpoint_uri}, {"id": dataset_id, "uri": dataset.uri}],
-            config={"split": split},
-            metrics={"rows": len(data["id"]), "dim": int(next(iter(features.values())).shape[1])},
+            inputs=[{"uri": opened.checkpoint_uri}, {"id": dataset.id, "uri": dataset.uri}],
+            config={"split": split, "rows_from": dataset.split_record(split)},
+            metrics={"rows": len(data["id"]), "dim": dim},
         )
     )
     return {"embedding": embedding_id, "uri": target, "rows": len(data["id"])}
 
 
-def _embedded_splits(dataset: DatasetVersion, model, settings: EvalConfig, targets: list[str]):
-    """The evaluated split, the zero-shot prototypes and the stand-ins for left-out modalities."""
+def headline_task(settings: EvalConfig, modalities: Sequence[str]) -> tuple[str, list[str]]:
+    """``evaluate.target`` given ``evaluate.query``, checked against the model's modalities.
+    Defaults: the first modality (manifest order) not in the query; all the others."""
+    named = ", ".join(modalities)
+    candidates = [m for m in modalities if m not in (settings.query or [])] or list(modalities)
+    target = settings.target or candidates[0]
+    if target not in modalities:
+        raise EvaluationSetupError(
+            f"evaluate.target={target!r} is not a modality of this model ({named})"
+        )
+    query = list(settings.query or [m for m in modalities if m != target])
+    if unknown := [m for m in query if m not in modalities]:
+        raise EvaluationSetupError(
+            f"evaluate.query: {unknown} are not modalities of this model ({named})"
+        )
+    if target in query:
+        raise EvaluationSetupError(f"evaluate.query must not contain the target {target!r}")
+    return target, query
+
+
+def _reference(dataset: DatasetVersion, model, settings: EvalConfig, columns: list[str]):
+    """The reference split's embeddings and where its rows come from (None, None: none)."""
+    name = settings.reference_split
+    if name is None or dataset.split_size(name) == 0:
+        return None, None
+    return embed_split(model, dataset.to_numpy(name, columns)), dataset.split_record(name)
+
+
+def evaluate(checkpoint: str, dataset_id: str | None, cfg: ChorusConfig) -> dict[str, Any]:
+    """The headline task (and the sweep) on ``cfg.evaluate.split``; stored with lineage.
+
+    ``checkpoint``: a run id, checkpoint URI or folder; ``dataset_id`` defaults to the
+    dataset the run trained on. Model, columns and objective come from the checkpoint.
+    """
+    settings = cfg.evaluate
+    opened = open_checkpoint(checkpoint, dataset_id, cfg)
+    dataset, model, config = opened.dataset, opened.model, opened.config
+    modalities = list(model.towers)
+    target, query = headline_task(settings, modalities)
+    _require_rows(dataset, settings.split, "evaluate.split")
+    objective = get_objective(config["objective"], **config["objective_options"])
     has_label = any(f["name"] == "label" for f in dataset.manifest["schema"])
     columns = model.tensor_columns() + (["label"] if has_label else [])
     split = embed_split(model, dataset.to_numpy(settings.split, columns))
-    name = settings.reference_split
-    reference = None
-    if name is not None and dataset.split_size(name) > 0:
-        reference = embed_split(model, dataset.to_numpy(name, columns))
+    reference, reference_record = _reference(dataset, model, settings, columns)
+    targets = modalities if settings.sweep else [target]
     prototypes = {}
     if has_label and reference is not None:
         prototypes = reference_prototypes(reference, targets, model.normalize)
     means = modality_means(split if reference is None else reference)
-    return split, prototypes, means if settings.marginalise else None
-
-
-def evaluate(checkpoint_uri: str, dataset_id: str, cfg: ChorusConfig) -> dict[str, Any]:
-    """The headline task (and the sweep) on ``cfg.evaluate.split``; stored with lineage."""
-    settings = cfg.evaluate
-    store, dataset, model, config = _open(checkpoint_uri, dataset_id, cfg)
-    objective = get_objective(config["objective"], **config["objective_options"])
-    modalities = list(model.towers)
-    target = settings.target
-    query = settings.query or [m for m in modalities if m != target]
-    if unknown := sorted({target, *query} - set(modalities)):
-        raise ValueError(f"evaluate: {unknown} are not modalities of this model ({modalities})")
-    targets = modalities if settings.sweep else [target]
-    split, prototypes, fill = _embedded_splits(dataset, model, settings, targets)
     scale = model.logit_scale.detach().exp()
 
     def score(queries: Mapping[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return objective.score(queries, candidates, scale)
 
     options = {"k": settings.k_candidates, "bootstrap": settings.bootstrap}
-    options |= {"prototypes": prototypes, "fill": fill}
-    metrics = {
+    options |= {"prototypes": prototypes, "fill": means if settings.marginalise else None}
+    resolved = to_dict(cfg)["evaluate"] | {"target": target, "query": query}
+    metrics: dict[str, Any] = {
         "objective": config["objective"],
+        "dataset": dataset.id,
         "split": settings.split,
         "k_candidates": settings.k_candidates,
-        "reference_split": settings.reference_split,
-        **evaluate_task(split, target, query, score, **options),
+        "reference": reference_record,
     }
-    if settings.sweep:
-        metrics["sweep"] = sweep(split, modalities, score, **options)
-    eval_id = f"ev-{digest_of(checkpoint_uri, dataset_id, to_dict(cfg)['evaluate'])[:12]}"
-    target_uri = store.evaluation_uri(eval_id)
+    if not has_label:
+        metrics["zero_shot"] = "no label column"
+    elif reference is None:
+        metrics["zero_shot"] = "no reference split"
+    tasks = 1 + (len(modalities) * len(query_sets(target, modalities)) if settings.sweep else 0)
+    with progress(tasks, "evaluating", unit="task") as bar:
+        metrics |= evaluate_task(split, target, query, score, **options)
+        bar.update()
+        if settings.sweep:
+            metrics["sweep"] = sweep(split, modalities, score, on_task=bar.update, **options)
+    eval_id = f"ev-{digest_of(opened.checkpoint_uri, dataset.id, resolved)[:12]}"
+    target_uri = opened.store.evaluation_uri(eval_id)
     fs.write_json(uris.join(target_uri, "metrics.json"), metrics)
-    store.record(
+    opened.store.record(
         LineageRecord(
             id=eval_id,
             kind="evaluation",
             uri=target_uri,
-            inputs=[{"uri": checkpoint_uri}, {"id": dataset_id, "uri": dataset.uri}],
-            config=to_dict(cfg)["evaluate"],
+            inputs=[{"uri": opened.checkpoint_uri}, {"id": dataset.id, "uri": dataset.uri}],
+            config=resolved | {"reference": reference_record},
             metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
         )
     )

@@ -9,12 +9,70 @@ from __future__ import annotations
 from typing import Any
 
 from modalities.base import with_tower_settings
-from pipelines.config import ChorusConfig, to_dict
-from pipelines.dataset import DatasetVersion
+from pipelines.config import ChorusConfig, TrainConfig, to_dict
+from pipelines.console import note
+from pipelines.dataset import TRAIN, VAL, DatasetVersion, SplitTooSmall, holdout_rows
 from pipelines.train.loop import METRICS_FILE, STATE_FILE, build_model, train_loop_per_worker
 from storage import fs, uris
 from storage.artefacts import Store
+from storage.errors import UserError
 from storage.lineage import LineageRecord, digest_of
+
+
+class TrainingSetupError(UserError, ValueError):
+    """Training settings that cannot work here (the message names the field)."""
+
+
+def training_view(dataset: DatasetVersion, train: TrainConfig) -> DatasetVersion:
+    """The dataset as training reads it: without a 'val' split, ``train.val_fraction`` of
+    the training rows (at least a few, see :func:`holdout_rows`) are held out as 'val'."""
+    if dataset.split_size(TRAIN) == 0:
+        raise SplitTooSmall(
+            f"dataset {dataset.id} has no 'train' rows (splits: {dataset.splits}); "
+            "mark the rows to train on with split=train in the manifest"
+        )
+    if VAL in dataset.splits or train.val_fraction == 0:
+        return dataset
+    workers = max(1, train.num_workers)
+    rows = holdout_rows(dataset.split_size(TRAIN), train.val_fraction, workers)
+    return dataset.holding_out(train.val_fraction, rows)
+
+
+def holdout_note(dataset: DatasetVersion) -> str:
+    held = dataset.holdout
+    return (
+        f"no 'val' split in {dataset.id}: holding out {held.rows} of "
+        f"{dataset.splits[TRAIN]} training rows (train.val_fraction={held.fraction}) "
+        "for checkpoint selection and zero-shot prototypes"
+    )
+
+
+def _check_sizes(dataset: DatasetVersion, train: TrainConfig) -> None:
+    """Fail before any work when the splits cannot feed the configured run."""
+    rows, workers = dataset.split_size(TRAIN), max(1, train.num_workers)
+    if train.batch_size > rows:
+        held = f" ({dataset.holdout.rows} more held out as 'val')" if dataset.holdout else ""
+        raise SplitTooSmall(
+            f"train.batch_size={train.batch_size} exceeds the {rows} training rows of "
+            f"{dataset.id}{held}; lower train.batch_size"
+        )
+    if train.batch_size % workers:
+        raise TrainingSetupError(
+            f"train.batch_size={train.batch_size} is not divisible by "
+            f"train.num_workers={train.num_workers}"
+        )
+    val_rows = dataset.split_size(VAL)
+    if train.keep_by == "val_loss" and val_rows == 0:
+        raise SplitTooSmall(
+            f"train.val_fraction=0 holds out nothing and {dataset.id} has no 'val' split, "
+            "but train.keep_by=val_loss needs validation rows: raise train.val_fraction "
+            "or set train.keep_by=latest"
+        )
+    if train.keep_by == "val_loss" and val_rows < 2 * workers:
+        raise SplitTooSmall(
+            f"train.keep_by=val_loss needs a 'val' split of at least {2 * workers} rows; "
+            f"{dataset.id} has {val_rows} (set train.keep_by=latest)"
+        )
 
 
 def run_config_for(
@@ -23,39 +81,30 @@ def run_config_for(
     """The JSON config the loop receives and every checkpoint carries.
 
     Columns are the dataset's (what its shards hold) with the tower settings of ``cfg``, so
-    one dataset version trains with any encoder.
+    one dataset version trains with any encoder and the config need not name its columns.
+    ``validation`` says where the 'val' rows come from (a stored split or a holdout).
     """
+    _check_sizes(dataset, cfg.train)
     settings = to_dict(cfg)
-    steps_per_epoch = dataset.split_size("train") // cfg.train.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} exceeds the "
-            f"{dataset.split_size('train')} training rows of {dataset.id}"
+    towers = (settings.get("data") or {}).get("columns") or {}
+    if unknown := sorted(set(cfg.model.freeze) - set(dataset.columns)):
+        raise TrainingSetupError(
+            f"model.freeze: {unknown} are not columns of {dataset.id} ({list(dataset.columns)})"
         )
-    workers = max(1, cfg.train.num_workers)
-    if cfg.train.batch_size % workers:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by "
-            f"train.num_workers={cfg.train.num_workers}"
-        )
-    val_rows = dataset.split_size("val")
-    if cfg.train.keep_by == "val_loss" and val_rows < 2 * workers:
-        raise ValueError(
-            f"train.keep_by=val_loss needs a 'val' split of at least {2 * workers} rows; "
-            f"{dataset.id} has {val_rows} (set train.keep_by=latest)"
-        )
+    val_rows = dataset.split_size(VAL)
     return {
         "dataset_id": dataset.id,
         "columns": {
-            name: with_tower_settings(stored, settings["data"]["columns"].get(name, {}))
+            name: with_tower_settings(stored, towers.get(name, {}))
             for name, stored in dataset.columns.items()
         },
         "model": settings["model"],
         "train": settings["train"],
         "objective": objective,
         "objective_options": options,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": dataset.split_size(TRAIN) // cfg.train.batch_size,
         "val_rows": val_rows,
+        "validation": dataset.split_record(VAL) if val_rows else None,
     }
 
 
@@ -80,26 +129,28 @@ def train(
 
     from pipelines.runtime import ensure_ray
 
-    store = Store.open(cfg.store)
-    dataset = DatasetVersion.open(store, dataset_id)
+    store = Store.open(cfg.store, create=False)
+    dataset = training_view(DatasetVersion.open(store, dataset_id), cfg.train)
     if objective is None or (objective == cfg.train.objective and options is None):
         objective, options = cfg.train.objective, cfg.train.objective_options
     config = run_config_for(dataset, cfg, objective, options or {})
     name = run_name_for(config)
+    if dataset.holdout:
+        note(holdout_note(dataset))
     ensure_ray()
     use_gpu = _use_gpu(cfg.train.device)
     if cfg.train.precision == "fp16" and not use_gpu:
-        raise ValueError("train.precision=fp16 needs a GPU; use bf16 on CPUs")
+        raise TrainingSetupError("train.precision=fp16 needs a GPU; use bf16 on CPUs")
     model_columns = build_model(config).tensor_columns()
     context = ray.data.DataContext.get_current()
     # The loop prints its own progress line; Ray Data's bars would repeat at every epoch.
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # shard order in, same run out
-    datasets = {"train": dataset.read("train", model_columns)}
+    datasets = {"train": dataset.read(TRAIN, model_columns)}
     if cfg.train.cache_dataset:  # read the shards once, not once per epoch
         datasets["train"] = datasets["train"].materialize()
     if cfg.train.keep_by == "val_loss":
-        datasets["val"] = dataset.read("val", model_columns).materialize()
+        datasets["val"] = dataset.read(VAL, model_columns).materialize()
     storage_fs, storage_path = fs.filesystem(store.uri("runs"))
     by_val = cfg.train.keep_by == "val_loss"
     trainer = TorchTrainer(
@@ -166,5 +217,5 @@ def _use_gpu(device: str) -> bool:
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if device == "cuda" and not gpus:
-        raise ValueError("train.device=cuda but the Ray cluster has no GPUs")
+        raise TrainingSetupError("train.device=cuda but the Ray cluster has no GPUs")
     return device == "cuda" or (device == "auto" and gpus > 0)

@@ -16,20 +16,26 @@ import pytest
 import torch
 
 from pipelines import report
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, EvalConfig
 from pipelines.train.evaluate import (
+    CheckpointNotFound,
     Embedded,
+    EvaluationSetupError,
     bootstrap_spread,
     class_prototypes,
     evaluate_task,
+    headline_task,
     modality_means,
     query_sets,
+    resolve_checkpoint,
     retrieval_outcomes,
     sweep,
     zero_shot_outcomes,
 )
 from pipelines.train.objectives import get_objective
 from storage import fs
+from storage.artefacts import Store
+from storage.lineage import LineageRecord
 
 # Query features; with t = I they are the CLIP score matrices themselves.
 A = [[0.9, 0.1, 0.0, 0.0], [0.8, 0.5, 0.1, 0.0], [0.0, 0.0, 0.1, 0.7], [0.1, 0.2, 0.3, 0.4]]
@@ -60,7 +66,9 @@ def test_query_sets_are_every_non_empty_subset_of_the_others():
     assert sets[:3] == [("audio",), ("text",), ("timeseries",)]
     assert sets[-1] == ("audio", "text", "timeseries")
     assert query_sets("a", ["a", "b"]) == [("b",)]
-    entries = sweep(_split(), ["a", "b", "t"], CLIP)
+    ticks = []
+    entries = sweep(_split(), ["a", "b", "t"], CLIP, on_task=lambda: ticks.append(1))
+    assert len(ticks) == len(entries)  # one progress tick per task
     assert [(e["target"], e["query"]) for e in entries[:3]] == [
         ("a", ["b"]),
         ("a", ["t"]),
@@ -240,3 +248,35 @@ def test_report_writes_markdown_plots_and_summary(debug_config, tmp_path):
     assert pairs == set(chain.from_iterable(
         [(t, "+".join(q)) for q in query_sets(t, ["a", "b", "t"])] for t in ("a", "b", "t")
     ))  # fmt: skip
+
+
+def test_headline_task_defaults_to_the_models_columns_and_names_the_field():
+    modalities = ["photo", "voice", "caption"]
+    assert headline_task(EvalConfig(), modalities) == ("photo", ["voice", "caption"])
+    assert headline_task(EvalConfig(query=["photo"]), modalities) == ("voice", ["photo"])
+    assert headline_task(EvalConfig(target="caption"), modalities) == (
+        "caption",
+        ["photo", "voice"],
+    )
+    with pytest.raises(EvaluationSetupError, match=r"evaluate\.target='image'.*photo, voice"):
+        headline_task(EvalConfig(target="image"), modalities)
+    with pytest.raises(EvaluationSetupError, match=r"evaluate\.query: \['audio'\]"):
+        headline_task(EvalConfig(target="photo", query=["audio"]), modalities)
+
+
+def test_a_checkpoint_is_a_run_id_a_folder_or_a_uri(tmp_path):
+    store = Store.open(str(tmp_path / "store"))
+    folder = tmp_path / "checkpoint_000003"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    store.record(LineageRecord(id="ds-x-clip-1234", kind="run", uri=str(folder)))
+    store.record(LineageRecord(id="ds-x", kind="dataset", uri=str(tmp_path)))
+    assert resolve_checkpoint(store, "ds-x-clip-1234") == str(folder)
+    assert resolve_checkpoint(store, str(folder)) == str(folder)
+    assert resolve_checkpoint(store, f"file://{folder}") == str(folder)
+    with pytest.raises(CheckpointNotFound, match="'ds-x' is a dataset, not a run"):
+        resolve_checkpoint(store, "ds-x")
+    with pytest.raises(CheckpointNotFound, match=r"no run or checkpoint 'ds-y-clip'.*--kind run"):
+        resolve_checkpoint(store, "ds-y-clip")
+    with pytest.raises(CheckpointNotFound, match="no run or checkpoint"):
+        resolve_checkpoint(store, str(tmp_path))  # a folder without a checkpoint's config

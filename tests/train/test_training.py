@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipelines.dataset import DatasetVersion, SplitTooSmall
 from pipelines.train.evaluate import (
     evaluate,
     export_embeddings,
@@ -17,8 +19,9 @@ from pipelines.train.evaluate import (
     ranks_of_positives,
     retrieval_metrics,
 )
-from pipelines.train.launch import train
+from pipelines.train.launch import holdout_note, run_config_for, train, training_view
 from pipelines.train.loop import METRICS_FILE, build_model, load_checkpoint_dir
+from storage.artefacts import Store
 
 COLUMNS = {
     "image": {"kind": "image", "size": 16},
@@ -87,6 +90,44 @@ def test_retrieval_metrics_on_a_hand_built_matrix():
     assert m["class_accuracy"] == 1.0 and m["class_chance"] == 0.5
 
 
+def _bare_version(folder: Path, splits: dict[str, int]) -> DatasetVersion:
+    """A dataset version of ids and splits only, laid out as ingest writes one."""
+    (folder / "datasets" / "ds-bare" / "shards").mkdir(parents=True)
+    names = [name for name, rows in splits.items() for _ in range(rows)]
+    table = pa.table({"id": [f"r{i:04d}" for i in range(len(names))], "split": names})
+    pq.write_table(table, folder / "datasets" / "ds-bare" / "shards" / "part-0.parquet")
+    manifest = {"splits": splits, "columns": {}, "shards": [{"path": "shards/part-0.parquet"}]}
+    (folder / "datasets" / "ds-bare" / "manifest.json").write_text(json.dumps(manifest))
+    return DatasetVersion.open(Store.open(str(folder)), "ds-bare")
+
+
+def test_training_holds_out_val_rows_and_checks_sizes_before_any_work(tmp_path, debug_config):
+    dataset = _bare_version(tmp_path, {"train": 100, "test": 20})
+    cfg = debug_config()
+    view = training_view(dataset, cfg.train)
+    assert (view.split_size("train"), view.split_size("val")) == (92, 8)
+    assert holdout_note(view) == (
+        "no 'val' split in ds-bare: holding out 8 of 100 training rows "
+        "(train.val_fraction=0.05) for checkpoint selection and zero-shot prototypes"
+    )
+    config = run_config_for(view, cfg, "clip", {})
+    holdout = {"split": "val", "source": "holdout", "fraction": 0.05, "rows": 8}
+    assert config["validation"] == holdout
+    assert config["val_rows"] == 8 and config["steps_per_epoch"] == 92 // 32
+
+    big = debug_config("train.batch_size=128")
+    with pytest.raises(SplitTooSmall, match=r"train\.batch_size=128 exceeds the 92 .*8 more held"):
+        run_config_for(training_view(dataset, big.train), big, "clip", {})
+    nothing = debug_config("train.val_fraction=0")
+    with pytest.raises(SplitTooSmall, match=r"train\.val_fraction=0 holds out nothing"):
+        run_config_for(training_view(dataset, nothing.train), nothing, "clip", {})
+    latest = debug_config("train.val_fraction=0", "train.keep_by=latest")
+    unchecked = run_config_for(training_view(dataset, latest.train), latest, "clip", {})
+    assert unchecked["validation"] is None and unchecked["val_rows"] == 0
+    with pytest.raises(SplitTooSmall, match="no 'train' rows"):
+        training_view(_bare_version(tmp_path / "t", {"test": 20}), cfg.train)
+
+
 def test_k_candidate_protocol():
     perfect = np.eye(30)
     assert k_candidate_accuracy(perfect, 10) == 1.0
@@ -113,9 +154,17 @@ def test_train_on_ray_train_then_resume_and_evaluate(ingested):
     exported = export_embeddings(result["checkpoint"], manifest["id"], cfg, "val")
     table = pq.read_table(f"{exported['uri']}/embeddings.parquet")
     assert table.num_rows == manifest["splits"]["val"]
-    assert set(table.column_names) == {"id", "image", "audio", "text", "timeseries"}
+    modalities = ["image", "audio", "text", "timeseries"]
+    assert set(table.column_names) == {"id", *modalities, *(f"{m}_present" for m in modalities)}
+    assert table.column("image_present").to_pylist() == [True] * table.num_rows
 
-    evaluation = evaluate(result["checkpoint"], manifest["id"], cfg)
+    evaluation = evaluate(result["run"], None, cfg)  # the run's id and its own dataset
     assert evaluation["rows"] == manifest["splits"]["test"]
+    assert evaluation["dataset"] == manifest["id"]
+    assert evaluation["reference"] == {
+        "split": "val",
+        "source": "split",
+        "rows": manifest["splits"]["val"],
+    }
     assert 0.0 <= evaluation["class_accuracy"] <= 1.0 and evaluation["query"] == ["text", "audio"]
     assert 0.0 <= evaluation["zero_shot_accuracy"] <= 1.0 and len(evaluation["sweep"]) == 4 * 7
