@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from contextlib import contextmanager
+import traceback
 from pathlib import Path
 from typing import Any
 
 DEMO_DATA_DIR = ".chorus/demo-data"
+VERBOSE_HELP = "show Ray's, Prefect's and the workers' logs live on stderr (default: a log file)"
 DEFAULT_CONFIG = "chorus.yaml"  # read from the working directory when --config is not given
 
 
@@ -65,25 +65,8 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     print(json.dumps(payload, indent=2, default=str) if args.json else text, file=out, flush=True)
 
 
-@contextmanager
-def _stdout_reserved_for_results(args: argparse.Namespace):
-    """Point file descriptor 1 at stderr while working, so Ray/Prefect/worker chatter cannot
-    mix with the result (``--json`` output stays parseable); results go to the real stdout."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    args.result_stream = os.fdopen(os.dup(saved), "w")
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-        args.result_stream.close()
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines import demo_data, report
+    from pipelines import console, demo_data, report
     from pipelines.config import check_objectives, to_dict
     from pipelines.runtime import configure_prefect_defaults
 
@@ -93,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     folder = Path(DEMO_DATA_DIR, f"size{cfg.demo.size}-seed{cfg.demo.seed}")
     manifest = folder / "manifest.csv"
     if not manifest.exists():
-        print(f"generating {cfg.demo.size} demo records in {folder}", file=sys.stderr)
+        console.note(f"generating {cfg.demo.size} demo records in {folder}")
         demo_data.generate(folder, size=cfg.demo.size, seed=cfg.demo.seed, progress=True)
     from pipelines.flows import end_to_end
 
@@ -185,7 +168,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 def cmd_artefacts(args: argparse.Namespace) -> int:
     from storage.artefacts import Store
 
-    store = Store.open(args.store)
+    store = Store.open(args.store, create=False)
     if args.action == "list":
         records = store.list(args.kind)
         lines = [f"{r['created_at']}  {r['kind']:<10} {r['id']:<40} {r['uri']}" for r in records]
@@ -247,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Paired images, audio, text and time series -> versioned Arrow datasets "
         "-> N-modality contrastive embeddings (Symile, CLIP, ...), with lineage.",
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conf = _config_options()
 
@@ -322,7 +306,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("objectives", help="list the registered objectives")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_objectives)
+    for command in sub.choices.values():  # -v also after the command; SUPPRESS keeps -v before
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """A user error on one line (validation messages may span several)."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _run(args: argparse.Namespace, log_path: Path | None) -> int:
+    """A user error prints one line and exits 2; anything else keeps its traceback, on the
+    console and in the log (whose path is printed), and exits 1."""
+    from pipelines import console
+    from pipelines.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {_one_line(exc)}", file=console.stream())
+        return 2
+    except (Exception, KeyboardInterrupt) as exc:
+        traceback.print_exc()  # into the log (the console itself with -v)
+        if log_path is not None:
+            if not isinstance(exc, KeyboardInterrupt):
+                traceback.print_exc(file=console.stream())
+            print(f"log: {log_path}", file=console.stream())
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,16 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "artefacts" and args.action == "get" and not args.dest:
         print("error: artefacts get needs a destination folder", file=sys.stderr)
         return 2
-    from pipelines.errors import USER_ERRORS
+    if getattr(args, "plain_stdout", False):
+        return _run(args, None)
+    from pipelines import console
 
-    try:
-        if getattr(args, "plain_stdout", False):
-            return args.func(args)
-        with _stdout_reserved_for_results(args):
-            return args.func(args)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    live = False if getattr(args, "json", False) else None
+    with console.session(args.command, verbose=args.verbose, live=live) as session:
+        args.result_stream = session.result
+        return _run(args, session.log_path)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def session(
     """Route one command's output (see the module docstring); restores everything on exit.
 
     ``live`` forces the bar mode (the CLI passes False for ``--json``). A log file that
-    stayed empty is removed on exit: nothing was said.
+    stayed empty is removed on exit (nothing was said), with the folders made for it.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -117,14 +117,7 @@ def session(
     result = os.fdopen(os.dup(saved_out), "w")
     console = os.fdopen(os.dup(saved_err), "w", buffering=1)
     log_path = None if verbose else log_path_for(command, log_dir)
-    if log_path is None:
-        os.dup2(2, 1)
-    else:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
+    made = _redirect(log_path)
     previous = (_console.stream, _console.live)
     _console.stream, _console.live = console, live
     try:
@@ -138,5 +131,28 @@ def session(
             os.close(saved)
         result.close()
         console.close()
-        if log_path is not None and log_path.exists() and log_path.stat().st_size == 0:
-            log_path.unlink()
+        if log_path is not None and log_path.stat().st_size == 0:
+            _remove(log_path, made)
+
+
+def _redirect(log_path: Path | None) -> list[Path]:
+    """Point fd 1 and 2 at ``log_path`` (fd 1 at fd 2 when None); returns the folders made."""
+    if log_path is None:
+        os.dup2(2, 1)
+        return []
+    made = [d for d in (log_path.parent, *log_path.parent.parents) if not d.exists()]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    return made
+
+
+def _remove(log_path: Path, made: list[Path]) -> None:
+    log_path.unlink()
+    for folder in made:  # innermost first
+        try:
+            folder.rmdir()
+        except OSError:  # another command's log landed there meanwhile
+            return

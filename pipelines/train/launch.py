@@ -12,7 +12,13 @@ from modalities.base import with_tower_settings
 from pipelines.config import ChorusConfig, TrainConfig, to_dict
 from pipelines.console import note
 from pipelines.dataset import TRAIN, VAL, DatasetVersion, SplitTooSmall, holdout_rows
-from pipelines.train.loop import METRICS_FILE, STATE_FILE, build_model, train_loop_per_worker
+from pipelines.train.loop import (
+    METRICS_FILE,
+    STATE_FILE,
+    build_model,
+    total_steps,
+    train_loop_per_worker,
+)
 from storage import fs, uris
 from storage.artefacts import Store
 from storage.errors import UserError
@@ -128,6 +134,7 @@ def train(
     from ray.train.torch import TorchTrainer
 
     from pipelines.runtime import ensure_ray
+    from pipelines.train.progress import TrainingProgress
 
     store = Store.open(cfg.store, create=False)
     dataset = training_view(DatasetVersion.open(store, dataset_id), cfg.train)
@@ -143,7 +150,7 @@ def train(
         raise TrainingSetupError("train.precision=fp16 needs a GPU; use bf16 on CPUs")
     model_columns = build_model(config).tensor_columns()
     context = ray.data.DataContext.get_current()
-    # The loop prints its own progress line; Ray Data's bars would repeat at every epoch.
+    # The driver draws one training bar; Ray Data's bars would repeat at every epoch.
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # shard order in, same run out
     datasets = {"train": dataset.read(TRAIN, model_columns)}
@@ -153,6 +160,7 @@ def train(
         datasets["val"] = dataset.read(VAL, model_columns).materialize()
     storage_fs, storage_path = fs.filesystem(store.uri("runs"))
     by_val = cfg.train.keep_by == "val_loss"
+    progress = TrainingProgress(total_steps(config))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -171,11 +179,12 @@ def train(
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=2),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress line
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress bar
+            callbacks=[progress.callback],
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    result = progress.run(trainer.fit)
     latest_uri = fs.to_uri(store.root, result.checkpoint.path)
     checkpoint_uri = fs.to_uri(store.root, _best(result, by_val).path)
     # The latest checkpoint holds the whole curve; the best one only the curve up to it.

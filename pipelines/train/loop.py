@@ -160,9 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 timing = {"step_s": step_s, "data_wait_s": waited / in_window}
                 metrics = _metrics(state, terms, grad_norm, optimizer, timing, train, world)
                 history.append(metrics)
-                ray.train.report(metrics)
-                if rank == 0:
-                    print(_progress_line(metrics, total), file=sys.stderr, flush=True)
+                ray.train.report(metrics)  # the driver draws it (pipelines.train.progress)
                 waited, in_window, window = 0.0, 0, time.perf_counter()
             if state["step"] % train["checkpoint_every"] == 0 or state["step"] == total:
                 started = time.perf_counter()
@@ -263,14 +261,6 @@ def _metrics(state, terms, grad_norm, optimizer, timing, train, world) -> dict[s
         "samples_per_s": train["batch_size"] / timing["step_s"],
         "samples_per_s_per_worker": train["batch_size"] / timing["step_s"] / world,
     }
-
-
-def _progress_line(metrics: dict[str, Any], total: int) -> str:
-    return (
-        f"step {metrics['step']:>5}/{total}  loss {metrics['loss']:.4f}  "
-        f"scale {metrics.get('logit_scale', float('nan')):.1f}  lr {metrics['lr']:.2e}  "
-        f"{metrics['samples_per_s']:.0f} samples/s"
-    )
 
 
 def _checkpoint(model, stateful, state, config, history, val) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +69,55 @@ def test_demo_data_then_ingest_json_then_list(tmp_path):
 def test_user_errors_exit_2_without_traceback(args, tmp_path):
     out = chorus(*args, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_store(ingested, tmp_path_factory):
+    """A private copy of the session's ingested store (training adds runs to it)."""
+    cfg, manifest = ingested
+    store = tmp_path_factory.mktemp("cli-train") / "store"
+    shutil.copytree(cfg.store, store)
+    return store, manifest["id"]
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_training_draws_one_bar_and_logs_the_chatter(trained_store, tmp_path):
+    store, dataset = trained_store
+    args = ["train", dataset, "--preset", "debug", "--store", str(store)]
+    out = chorus(*args, "--set", "train.max_steps=4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    bars = [line for line in _lines(out.stderr) if line.startswith("train:")]
+    assert len(bars) == 1 and re.match(r"train: 4/4 \[.*loss=\d+\.\d{4}, samples/s=\d+\]$", bars[0])
+    assert len(_lines(out.stderr)) == len(set(_lines(out.stderr)))  # nothing said twice
+    for chatter in ("TrainingReport(", "core_worker", "Gloo", "RayTrainWorker"):
+        assert chatter not in out.stderr
+    assert out.stdout.startswith("run ")
+    (log,) = (tmp_path / ".chorus" / "logs").glob("train-*.log")
+    assert "RayTrainWorker" in log.read_text()
+
+    verbose = chorus("-v", *args, "--set", "train.max_steps=2", cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "RayTrainWorker" in verbose.stderr and "train: 2/2" in verbose.stderr
+    assert len(list((tmp_path / ".chorus" / "logs").glob("train-*.log"))) == 1  # -v logs live
+
+
+def test_user_error_is_one_line_and_leaves_no_log(tmp_path):
+    out = chorus("artefacts", "list", "--store", str(tmp_path / "absent"), cwd=tmp_path)
+    assert out.returncode == 2 and _lines(out.stderr) == [
+        f"error: no artefact store at {tmp_path / 'absent'} (pass --store or set CHORUS_STORE; "
+        "`chorus ingest` creates one)"
+    ]
+    assert not (tmp_path / ".chorus").exists()
+
+
+def test_unexpected_failure_keeps_its_traceback_and_names_the_log(tmp_path):
+    broken = tmp_path / "store" / "lineage" / "dataset"
+    broken.mkdir(parents=True)
+    (broken / "ds-1.json").write_text("{not json")
+    out = chorus("artefacts", "list", "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" in out.stderr and "JSONDecodeError" in out.stderr
+    log = Path(tmp_path, _lines(out.stderr)[-1].removeprefix("log: "))
+    assert log.parent == tmp_path / ".chorus" / "logs" and "JSONDecodeError" in log.read_text()

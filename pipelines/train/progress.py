@@ -1,0 +1,91 @@
+"""Training progress on the driver's console: one bar fed by the run's reports.
+
+The loop's ``ray.train.report(metrics)`` reaches the Ray Train controller (an actor), where
+a :class:`ray.train.UserCallback` forwards rank 0's metrics (already averaged over ranks) to
+a small mailbox actor. The driver drains the mailbox in a thread while ``trainer.fit()``
+blocks and draws step/total, loss and samples/s with :func:`pipelines.console.progress`.
+Workers print nothing themselves, so no line is drawn twice. With ``num_workers=0`` Ray
+Train calls no callbacks; the bar then jumps to the final step when the run returns.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import ray.train
+
+from pipelines import console
+
+POLL_S = 0.5
+
+
+class _Mailbox:
+    """Metrics pushed by the controller, taken in batches by the driver."""
+
+    def __init__(self):
+        self.items: list[dict[str, Any]] = []
+
+    def push(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+
+    def take(self) -> list[dict[str, Any]]:
+        items, self.items = self.items, []
+        return items
+
+
+class _ForwardReports(ray.train.UserCallback):
+    def __init__(self, mailbox):
+        self.mailbox = mailbox
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics and "step" in metrics[0]:
+            # Fire and forget: the controller's event loop must not wait on the driver.
+            self.mailbox.push.remote(metrics[0])
+
+
+class TrainingProgress:
+    """Create before the trainer (its :attr:`callback` goes into ``RunConfig.callbacks``),
+    then ``result = progress.run(trainer.fit)``."""
+
+    def __init__(self, total_steps: int):
+        self.total = total_steps
+        self.mailbox = ray.remote(num_cpus=0)(_Mailbox).remote()
+        self.callback = _ForwardReports(self.mailbox)
+        self.started = False
+
+    def run(self, fit: Callable[[], Any]) -> Any:
+        with console.progress(self.total, "train", unit="step") as bar:
+            stop = threading.Event()
+            poller = threading.Thread(target=self._poll, args=(bar, stop), daemon=True)
+            poller.start()
+            try:
+                result = fit()
+            finally:
+                stop.set()
+                poller.join()
+                self._show(bar, ray.get(self.mailbox.take.remote()))
+                ray.kill(self.mailbox)
+            if result.metrics and "step" in result.metrics:
+                self._show(bar, [result.metrics])  # local mode's reports reach no callback
+        return result
+
+    def _poll(self, bar, stop: threading.Event) -> None:
+        while not stop.wait(POLL_S):
+            self._show(bar, ray.get(self.mailbox.take.remote()))
+
+    def _show(self, bar, reports: list[dict[str, Any]]) -> None:
+        for metrics in reports:
+            if not self.started:
+                # The clock starts at the first report: worker start-up is not training speed
+                # (and a resumed run's earlier steps are not this run's).
+                self.started = True
+                bar.reset()
+                bar.initial = metrics["step"]
+            if "loss" in metrics and "samples_per_s" in metrics:
+                postfix = {"loss": f"{metrics['loss']:.4f}"}
+                postfix["samples/s"] = f"{metrics['samples_per_s']:.0f}"
+                bar.set_postfix(postfix, refresh=False)
+            bar.update(max(0, metrics["step"] - bar.n))
