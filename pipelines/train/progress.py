@@ -66,8 +66,8 @@ class TrainingProgress:
             finally:
                 stop.set()
                 poller.join()
-                self._show(bar, ray.get(self.mailbox.take.remote()))
-                ray.kill(self.mailbox)
+            self._show(bar, ray.get(self.mailbox.take.remote()))  # the last reports
+            ray.kill(self.mailbox)  # after a failure it goes with the driver's job
             if result.metrics and "step" in result.metrics:
                 self._show(bar, [result.metrics])  # local mode's reports reach no callback
         return result
