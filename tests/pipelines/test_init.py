@@ -178,3 +178,16 @@ def test_written_config_ingests_without_config_option(manifest, tmp_path):
     assert out.returncode == 0, out.stderr
     result = yaml.safe_load(out.stdout)
     assert result["rows_written"] == ROWS and result["quarantined"] == 0
+
+
+def test_a_manifest_in_s3_is_sniffed_there(manifest, s3_bucket):
+    from storage import fs
+
+    bucket = s3_bucket("init")
+    for path in manifest.parent.rglob("*"):
+        if path.is_file():
+            fs.write_bytes(
+                f"s3://{bucket}/own/{path.relative_to(manifest.parent)}", path.read_bytes()
+            )
+    found = init.inspect(f"s3://{bucket}/own/manifest.csv")
+    assert [c.settings["kind"] for c in found.columns] == ["image", "audio", "text", "timeseries"]
