@@ -23,7 +23,7 @@ from pipelines import init
 from pipelines.config import load
 
 ROWS = 10
-CAPTIONS = ["a red square", "two blue dots on grey", "noise", "a long caption of seven words"]
+CAPTIONS = ["a red square", "two blue dots on grey", "noise", "a long caption, of six words"]
 
 
 def _png(rng: np.random.Generator, side: int = 64) -> bytes:
@@ -57,7 +57,7 @@ def own_data(folder: Path, *, transposed_ecg: bool = False) -> Path:
         (folder / "media" / f"e{i}.csv").write_text(_ecg_csv(rng, transposed=transposed_ecg))
         split = "test" if i % 4 == 3 else "train"
         caption = CAPTIONS[i % len(CAPTIONS)]
-        lines.append(f"r{i},media/p{i}.png,media/v{i},{caption},media/e{i}.csv,{i % 3},{split}")
+        lines.append(f'r{i},media/p{i}.png,media/v{i},"{caption}",media/e{i}.csv,{i % 3},{split}')
     manifest = folder / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
@@ -84,7 +84,7 @@ def test_kinds_and_settings_come_from_the_files(manifest):
     assert settings == {
         "photo": {"kind": "image", "size": 64},
         "voice": {"kind": "audio", "sample_rate": 16000, "duration_s": 2.0},
-        "caption": {"kind": "text", "max_length": 6},  # the 95th percentile of 1-6 words
+        "caption": {"kind": "text", "max_length": 7},  # 95th percentile: 6 words and a comma
         "ecg": {"kind": "timeseries", "channels": 2, "length": 500},  # samples as rows
     }
     assert found.splits == {"train": 8, "test": 2} and found.label_classes == 3
