@@ -197,7 +197,8 @@ class EvalConfig(_Section):
         description="Split whose embeddings give the zero-shot class prototypes (with a "
         "label column) and the modality means used by `marginalise` (null: no zero-shot, "
         "means of the evaluated split). Not train: memorised pairs leak labels into "
-        "train-split prototypes of modalities that carry none.",
+        "train-split prototypes of modalities that carry none. 'val' on a dataset trained "
+        "without one is the rows training held out (train.val_fraction).",
     )
     marginalise: bool = Field(
         True,

@@ -391,8 +391,9 @@ def export_embeddings(
 
     opened = open_checkpoint(checkpoint, dataset_id, cfg)
     dataset, model = opened.dataset, opened.model
-    _require_rows(dataset, split or cfg.evaluate.split, "--split" if split else "evaluate.split")
+    field = "--split" if split else "evaluate.split"
     split = split or cfg.evaluate.split
+    _require_rows(dataset, split, field)
     data = dataset.to_numpy(split, model.tensor_columns())
     embedded = embed_split(model, data)
     columns = {"id": pa.array(data["id"].tolist(), pa.string())}
