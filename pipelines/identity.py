@@ -77,40 +77,38 @@ def fingerprints(
     table: pa.Table, kinds: dict[str, str], root: str, allowed: tuple[str, ...]
 ) -> dict[str, list[str | None]]:
     """Per column, each row's file fingerprint (None for inline or empty cells)."""
+    locate = _Locator(root, allowed)
     located: dict[str, list[str | None]] = {}
     for name, kind in kinds.items():
         cells = table.column(name).to_pylist()
-        located[name] = [
-            _locate(root, cell, allowed) if cell and is_reference(kind, cell) else None
-            for cell in cells
-        ]
-    wanted = {uri for column in located.values() for uri in column if uri}
-    remote = _s3_fingerprints({u for u in wanted if uris.is_remote(u)})
-    return {name: [_fingerprint(uri, remote) for uri in column] for name, column in located.items()}
+        located[name] = [locate(c) if c and is_reference(kind, c) else None for c in cells]
+    wanted = {uri for column in located.values() for uri in column if uri} - {NOT_ALLOWED}
+    remote = {uri for uri in wanted if uris.is_remote(uri)}
+    prints = {NOT_ALLOWED: NOT_ALLOWED} | dict.fromkeys(remote, MISSING)
+    prints |= _s3_fingerprints(remote)
+    prints |= {uri: _local_fingerprint(uri) for uri in wanted - remote}
+    return {name: [prints.get(uri) for uri in column] for name, column in located.items()}
 
 
-def _fingerprint(uri: str | None, remote: dict[str, str]) -> str | None:
-    if uri is None or uri == NOT_ALLOWED:
-        return uri
-    if uris.is_remote(uri):
-        return remote.get(uri, MISSING)
-    return _local_fingerprint(uri)
-
-
-def _locate(root: str, cell: str, allowed: tuple[str, ...]) -> str:
+class _Locator:
     """The URI a cell names, found lexically, or NOT_ALLOWED outside the allowed roots."""
-    if uris.is_remote(cell):
-        uri = cell
-    elif uris.is_remote(root):
-        if cell.startswith(("/", "file://")):
-            return NOT_ALLOWED
-        uri = posixpath.normpath(posixpath.join(root, cell)).replace("s3:/", "s3://", 1)
-    else:
-        local = cell[len("file://") :] if cell.startswith("file://") else cell
-        uri = os.path.normpath(os.path.join(root, local))
-    if any(uri == r or uri.startswith(r.rstrip("/") + "/") for r in allowed):
-        return uri
-    return NOT_ALLOWED
+
+    def __init__(self, root: str, allowed: tuple[str, ...]):
+        self.root, self.remote_root = root, uris.is_remote(root)
+        self.roots = frozenset(r.rstrip("/") for r in allowed)
+        self.prefixes = tuple(f"{r}/" for r in self.roots)
+
+    def __call__(self, cell: str) -> str:
+        if uris.is_remote(cell):
+            uri = cell
+        elif self.remote_root:
+            if cell.startswith(("/", "file://")):
+                return NOT_ALLOWED
+            uri = posixpath.normpath(posixpath.join(self.root, cell)).replace("s3:/", "s3://", 1)
+        else:
+            local = cell[len("file://") :] if cell.startswith("file://") else cell
+            uri = os.path.normpath(os.path.join(self.root, local))
+        return uri if uri in self.roots or uri.startswith(self.prefixes) else NOT_ALLOWED
 
 
 def _local_fingerprint(path: str) -> str:

@@ -25,41 +25,27 @@ import hashlib
 import io
 import json
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from modalities import registry
-from modalities.base import DecodeError, column_name, placeholder
 from pipelines import console
 from pipelines.config import ChorusConfig, to_dict
+from pipelines.decode import FOLDERS, RecordDecoder, StagedFile, input_blocks
 from pipelines.identity import Identity, identify, is_reference
 from storage import fs, publish, uris
 from storage.artefacts import ArtefactNotFound, Store
 from storage.errors import UserError
 from storage.lineage import LineageRecord, code_version
 
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("modality", pa.string()),
-        ("uri", pa.string()),
-        ("error_kind", pa.string()),
-        ("message", pa.string()),
-    ]
-)
 MANIFEST = "manifest.json"
-BLOCK = "_block"  # input column: the block's index, which names the files it writes
-FINGERPRINT = "__fingerprint"  # input columns <name>__fingerprint, from pipelines.identity
-FOLDERS = {"shard": "shards", "quarantine": "quarantine", "records": "records"}
 STAGES = ("fetch", "decode", "preprocess")
 
 
@@ -108,240 +94,6 @@ def _validate(table: pa.Table, columns: dict[str, Any], uri: str) -> None:
     if duplicates:
         shown = ", ".join(map(str, duplicates[:20]))
         raise ManifestError(f"manifest {uri} has {len(duplicates)} duplicate id(s): {shown}")
-
-
-class _Decoded(NamedTuple):
-    rows: dict[str, np.ndarray]  # the good records' output columns
-    failures: list[tuple]  # quarantine rows
-    digests: dict[str, list[str | None]]  # column -> sha256 of each record's bytes
-
-
-@dataclass(frozen=True)
-class StagedFile:
-    """One file an actor wrote into staging, as the metadata row it returned."""
-
-    kind: str  # shard, quarantine or records
-    block: int
-    path: str  # relative to the dataset folder
-    rows: int
-    bytes: int
-    sha256: str
-    detail: dict[str, Any]  # counts (shards, quarantine) or stage costs (records)
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> StagedFile:
-        fields = {k: row[k] for k in ("kind", "path", "sha256")}
-        counts = {k: int(row[k]) for k in ("block", "rows", "bytes")}
-        return cls(**fields, **counts, detail=json.loads(row["detail"]))
-
-    def entry(self) -> dict[str, Any]:
-        return {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
-
-
-class RecordDecoder:
-    """Ray Data callable class: one input block -> its files in staging (see the module
-    docstring); returns their metadata rows.
-
-    Decoding runs on the calling thread, so an actor uses the one CPU it asks for; records
-    are decoded and preprocessed ``batch_size`` at a time. Only remote reads (S3) go to a
-    thread pool, a batch's all at once, to overlap their latency; local files are read
-    inline with a plain ``open().read()``, where threads would only contend for the GIL.
-    """
-
-    def __init__(
-        self,
-        columns: dict[str, dict],
-        assets: dict[str, dict[str, str]],
-        root: str,
-        allowed_roots: list[str],
-        staging: str,
-        batch_size: int,
-        fetch_threads: int = 8,
-    ):
-        self.kinds = {name: spec["kind"] for name, spec in columns.items()}
-        self.configs = {
-            name: registry.get(spec["kind"]).Config.model_validate(spec)
-            for name, spec in columns.items()
-        }
-        self.processors = {
-            name: registry.get(self.kinds[name]).Processor(cfg, assets.get(name))
-            for name, cfg in self.configs.items()
-        }
-        self.root = root
-        self.resolver = uris.Resolver(root, tuple(allowed_roots))  # lives for one job
-        self.staging, self.batch_size = staging, batch_size
-        self.fetch_threads = fetch_threads
-        self.pool: ThreadPoolExecutor | None = None  # started by the first remote read
-        self.cost: dict[str, float] = defaultdict(float)  # "<column>/<stage>" -> seconds
-
-    def _fetch(self, name: str, cell: str) -> bytes:
-        if not is_reference(self.kinds[name], cell):
-            return cell.encode("utf-8")
-        try:
-            uri = self.resolver.resolve(cell)
-        except ValueError as exc:
-            raise DecodeError("uri_not_allowed", str(exc)) from None
-        try:
-            return _read(uri)
-        except FileNotFoundError:
-            raise DecodeError("missing_file", f"{uri} does not exist") from None
-        except OSError as exc:
-            kind = "missing_file" if "not found" in str(exc).lower() else "read_error"
-            raise DecodeError(kind, str(exc)) from None
-
-    def _start_fetch(self, name: str, cell: str) -> Callable[[], bytes]:
-        """A call returning the cell's bytes; a remote read is already under way."""
-        remote = is_reference(self.kinds[name], cell) and (
-            uris.is_remote(cell) or uris.is_remote(self.root)
-        )
-        if not remote:
-            return lambda: self._fetch(name, cell)
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=self.fetch_threads)
-        return self.pool.submit(self._fetch, name, cell).result
-
-    def _decode_all(self, ids: np.ndarray, cells: dict[str, list]) -> tuple[dict, list, dict]:
-        """Fetch and decode every present cell: ({(column, row): value}, [quarantine rows],
-        {column: [sha256 of each row's bytes]})."""
-        fetches = {
-            (name, i): self._start_fetch(name, cell)
-            for name, column in cells.items()
-            for i, cell in enumerate(column)
-            if cell is not None
-        }
-        decoded, failures = {}, []
-        digests: dict[str, list[str | None]] = {name: [None] * len(ids) for name in cells}
-        clock = time.perf_counter
-        for (name, i), fetch in fetches.items():
-            start = clock()
-            try:
-                data = fetch()
-                digests[name][i] = hashlib.sha256(data).hexdigest()
-                fetched = clock()
-                self.cost[f"{name}/fetch"] += fetched - start
-                decoded[name, i] = self.processors[name].decode(data)
-                self.cost[f"{name}/decode"] += clock() - fetched
-            except DecodeError as exc:
-                failures.append((ids[i], name, cells[name][i], exc.kind, exc.message))
-            except Exception as exc:  # a decoder bug must not sink the whole job
-                message = f"unexpected {type(exc).__name__}: {exc}"
-                failures.append((ids[i], name, cells[name][i], "corrupt", message))
-        return decoded, failures, digests
-
-    def _batch(self, batch: dict[str, np.ndarray]) -> _Decoded:
-        """Decode and preprocess one batch of records."""
-        n = len(batch["id"])
-        cells = {
-            name: [c if c not in (None, "") else None for c in batch[name]]
-            for name in self.processors
-        }
-        decoded, failures, digests = self._decode_all(batch["id"], cells)
-        bad = {f[0] for f in failures}
-        keep = [i for i in range(n) if batch["id"][i] not in bad]
-        internal = {BLOCK, *(f"{name}{FINGERPRINT}" for name in self.processors)}
-        out = {
-            key: values[keep]
-            for key, values in batch.items()
-            if key not in self.processors and key not in internal
-        }
-        for name, processor in self.processors.items():
-            start = time.perf_counter()
-            present = np.array([(name, i) in decoded for i in keep], dtype=bool)
-            out[f"{name}_present"] = present
-            spec = registry.get(self.kinds[name]).output_spec(self.configs[name])
-            values = placeholder(spec, len(keep))
-            rows = [k for k, i in enumerate(keep) if present[k]]
-            if rows:
-                for suffix, array in processor.preprocess(
-                    [decoded[name, keep[k]] for k in rows]
-                ).items():
-                    values[suffix][rows] = array
-            if "" in values and values[""].dtype == object:
-                values[""][~present] = ""
-            for suffix, array in values.items():
-                out[column_name(name, suffix)] = array
-            self.cost[f"{name}/preprocess"] += time.perf_counter() - start
-        return _Decoded(out, failures, digests)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.cost.clear()
-        block, n, step = int(batch[BLOCK][0]), len(batch["id"]), self.batch_size
-        parts = [
-            self._batch({key: values[b : b + step] for key, values in batch.items()})
-            for b in range(0, n, step)
-        ]
-        start = time.perf_counter()
-        files = []
-        rows = {key: np.concatenate([p.rows[key] for p in parts]) for key in parts[0].rows}
-        if len(rows["id"]):
-            files.append(self._shard(block, rows))
-        failures = [f for p in parts for f in p.failures]
-        if failures:
-            files.append(self._quarantine(block, failures))
-        records = {"id": batch["id"]}
-        for name in self.processors:
-            records[f"{name}{FINGERPRINT}"] = batch[f"{name}{FINGERPRINT}"]
-            records[f"{name}__sha256"] = np.array([d for p in parts for d in p.digests[name]])
-        write_s = time.perf_counter() - start
-        costs = {"cost_s": dict(self.cost), "write_s": write_s}
-        files.append(self._write("records", block, pa.table(records), costs))
-        return {key: np.array([f[key] for f in files]) for key in files[0]}
-
-    def _shard(self, block: int, rows: dict[str, np.ndarray]) -> dict[str, Any]:
-        from ray.data.block import BlockAccessor  # Ray's own conversion: its tensor types
-
-        table = BlockAccessor.batch_to_block(rows)
-        detail = {
-            "splits": Counter(rows["split"].tolist()),
-            "presence": {name: int(rows[f"{name}_present"].sum()) for name in self.processors},
-            "schema": [{"name": f.name, "type": str(f.type)} for f in table.schema],
-        }
-        return self._write("shard", block, table, detail)
-
-    def _quarantine(self, block: int, failures: list[tuple]) -> dict[str, Any]:
-        table = pa.Table.from_pylist(
-            [dict(zip(QUARANTINE_SCHEMA.names, f, strict=True)) for f in failures],
-            schema=QUARANTINE_SCHEMA,
-        )
-        detail = {
-            "records": len({f[0] for f in failures}),
-            "by_kind": Counter(f[3] for f in failures),
-        }
-        return self._write("quarantine", block, table, detail)
-
-    def _write(self, kind: str, block: int, table: pa.Table, detail: dict) -> dict[str, Any]:
-        path = f"{FOLDERS[kind]}/part-{block:05d}.parquet"
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        data = sink.getvalue()
-        fs.write_bytes(uris.join(self.staging, path), data)
-        return {
-            "kind": kind,
-            "block": block,
-            "path": path,
-            "rows": table.num_rows,
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "detail": json.dumps(detail),
-        }
-
-
-def _read(uri: str) -> bytes:
-    if uris.is_remote(uri):
-        return fs.read_bytes(uri)
-    with open(uri, "rb") as handle:  # a pyarrow stream costs ~7x this for a small file
-        return handle.read()
-
-
-def input_blocks(table: pa.Table, identity: Identity, rows: int) -> list[pa.Table]:
-    """The manifest in blocks of ``rows`` rows, each with its index and fingerprints."""
-    for name, prints in identity.fingerprints.items():
-        table = table.append_column(f"{name}{FINGERPRINT}", pa.array(prints, pa.string()))
-    blocks = []
-    for index, begin in enumerate(range(0, len(table), rows)):
-        block = table.slice(begin, rows)
-        blocks.append(block.append_column(BLOCK, pa.array([index] * len(block), pa.int32())))
-    return blocks
 
 
 @dataclass(frozen=True)
@@ -470,8 +222,9 @@ def _on_ray(blocks: list[pa.Table], decoder: dict, workers: int | None) -> Itera
             fn_constructor_kwargs=decoder,
             batch_size=None,  # one input block per call: the block names its files
             batch_format="numpy",
-            # A fixed pool: an autoscaling one starts at one actor and grows late.
-            compute=ray.data.ActorPoolStrategy(size=size),
+            # A fixed pool (an autoscaling one starts at one actor and grows late), one block
+            # per actor at a time: with more in flight, the first actor up took them all.
+            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
             num_cpus=1,
         )
         .iter_rows()

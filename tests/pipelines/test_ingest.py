@@ -181,7 +181,8 @@ def test_record_decoder_writes_its_block_and_tokenizes_like_transformers(
     from ray.data.block import BlockAccessor
 
     from modalities import text
-    from pipelines.ingest import RecordDecoder, StagedFile, _fit_assets, input_blocks
+    from pipelines.decode import RecordDecoder, StagedFile, input_blocks
+    from pipelines.ingest import _fit_assets
 
     cfg = debug_config()
     columns = {name: spec.model_dump() for name, spec in cfg.data.columns.items()}

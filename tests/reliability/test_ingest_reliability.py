@@ -49,7 +49,7 @@ def store_uri(request, tmp_path) -> str:
 
 @pytest.fixture
 def corpus(demo_manifest, tmp_path) -> tuple[Path, set[str], dict[str, str]]:
-    """600 records over the demo files, every 17th broken: (manifest, good ids, bad id ->
+    """300 records over the demo files, every 17th broken: (manifest, good ids, bad id ->
     error kind)."""
     root = tmp_path / "corpus"
     shutil.copytree(demo_manifest.parent, root)
@@ -58,7 +58,7 @@ def corpus(demo_manifest, tmp_path) -> tuple[Path, set[str], dict[str, str]]:
     with (root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
         demo = list(csv.DictReader(handle))
     records, good, bad = [], set(), {}
-    for i in range(600):
+    for i in range(300):
         record = dict(demo[i % len(demo)], id=f"r{i:04d}")
         if i % BAD_EVERY == 0:
             column, cell, kind = BREAKAGE[(i // BAD_EVERY) % len(BREAKAGE)]
@@ -123,7 +123,7 @@ def test_killed_ingest_leaves_nothing_visible_and_the_rerun_is_exact(
     ray_session, corpus, store_uri
 ):
     manifest, good, bad = corpus
-    overrides = ("ingest.rows_per_shard=8",)  # 75 blocks: the kill lands mid-write
+    overrides = ("ingest.rows_per_shard=8",)  # 38 blocks: the kill lands mid-write
     process = _spawn(manifest, store_uri, *overrides)
     deadline = time.monotonic() + 120
     while not _staged_shards(store_uri):
