@@ -100,7 +100,7 @@ def _publish_s3(staging: Staging, target: str, record_name: str, record: bytes) 
     if fs.exists(record_uri):  # already published: nothing to copy
         commit = Commit(False, fs.read_bytes(record_uri))
     else:
-        client = _s3_client()
+        client = s3_client()
         source_bucket, source_prefix = _bucket_key(staging.uri + "/")
         bucket, prefix = _bucket_key(target + "/")
         for key in _keys(client, source_bucket, source_prefix):
@@ -134,7 +134,7 @@ def _put_if_absent_s3(uri: str, data: bytes, attempts: int = 20) -> Commit:
     bucket, key = _bucket_key(uri)
     for _ in range(attempts):
         try:
-            _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return Commit(True, data)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
@@ -159,7 +159,7 @@ def _existing_record(target: str, record_name: str) -> bytes:
 def remove(staging: Staging) -> None:
     """Delete an attempt's staging (nothing happens if it is already gone)."""
     if uris.is_remote(staging.uri):  # pyarrow's delete_dir would leave a folder marker
-        client = _s3_client()
+        client = s3_client()
         bucket, prefix = _bucket_key(staging.uri + "/")
         keys = _keys(client, bucket, prefix)
         for begin in range(0, len(keys), 1000):  # the most one request may delete
@@ -200,7 +200,7 @@ def _keys(client, bucket: str, prefix: str) -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
-def _s3_client():
+def s3_client():
     """boto3, because pyarrow cannot make conditional writes; it reads AWS_ENDPOINT_URL."""
     return _cached_client(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_REGION"))
 
