@@ -187,6 +187,20 @@ def cmd_artefacts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from storage import lineage_graph
+    from storage.artefacts import Store
+
+    store = Store.open(args.store, create=False)
+    closure = lineage_graph.load(store.root).closure(args.id, down=args.down, depth=args.depth)
+    if args.format == "json":
+        print(json.dumps(closure.to_json(), indent=2), file=args.result_stream, flush=True)
+    else:
+        text = closure.to_dot() if args.format == "dot" else closure.to_tree()
+        print(text, file=args.result_stream, flush=True)
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from pipelines.experiments import xor
 
@@ -287,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_artefacts)
+
+    p = sub.add_parser("lineage", help="what an artefact was made from, or what came from it")
+    p.add_argument("id", help="artefact id: ds-..., a run name, ev-..., em-... or rp-...")
+    way = p.add_mutually_exclusive_group()
+    way.add_argument("--up", action="store_false", dest="down", help="its inputs (default)")
+    way.add_argument("--down", action="store_true", help="everything made from it")
+    p.add_argument("--depth", type=int, metavar="N", help="at most N steps (default: all)")
+    p.add_argument("--format", choices=["tree", "json", "dot"], default="tree")
+    p.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
+    p.set_defaults(func=cmd_lineage, down=False, json=False)
 
     p = sub.add_parser("experiment", help="synthetic experiments (xor)")
     p.add_argument("name", choices=["xor"])

@@ -91,7 +91,9 @@ class Store:
         """Lineage records, newest first, optionally of one kind."""
         if kind is not None and kind not in KINDS:
             raise UnknownKind(f"unknown artefact kind {kind!r}; valid: {', '.join(KINDS)}")
-        infos = fs.list_files(self.uri("lineage", kind) if kind else self.uri("lineage"))
+        # One folder per kind: lineage/events/ (the OpenLineage log) holds no records.
+        kinds = [kind] if kind else KINDS
+        infos = [i for k in kinds for i in fs.list_files(self.uri("lineage", k))]
         records = [fs.read_json(fs.to_uri(self.root, i.path)) for i in infos]
         return sorted(records, key=lambda r: r["created_at"], reverse=True)
 

@@ -100,3 +100,43 @@ def ingested(ray_session, demo_manifest, tmp_path_factory):
 
     cfg = load("debug", None, [f"store={tmp_path_factory.mktemp('store')}"])
     return cfg, ingest(str(demo_manifest), cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def openlineage_event_errors():
+    """Check an event against the vendored OpenLineage spec (tests/assets/openlineage): the
+    RunEvent schema and every facet's own schema, by its ``_schemaURL``. Returns the errors."""
+    import json
+
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+
+    schemas = [
+        json.loads(p.read_text()) for p in Path(__file__).parent.glob("assets/openlineage/*.json")
+    ]
+    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas)
+
+    def validator(url: str) -> Draft202012Validator:
+        base, _, pointer = url.partition("#")
+        schema = {"$ref": url} if pointer else registry.contents(base)
+        checker = Draft202012Validator.FORMAT_CHECKER
+        return Draft202012Validator(schema, registry=registry, format_checker=checker)
+
+    def facets(event: dict):
+        datasets = [*(event.get("inputs") or []), *(event.get("outputs") or [])]
+        groups = [event["run"].get("facets"), event["job"].get("facets")]
+        groups += [
+            d.get(key) for d in datasets for key in ("facets", "inputFacets", "outputFacets")
+        ]
+        return [facet for group in groups if group for facet in group.values()]
+
+    def errors(event: dict) -> list[str]:
+        found = [e.message for e in validator(event["schemaURL"]).iter_errors(event)]
+        for facet in facets(event):
+            found += [
+                f"{facet['_schemaURL']}: {e.message}"
+                for e in validator(facet["_schemaURL"]).iter_errors(facet)
+            ]
+        return found
+
+    return errors

@@ -1,7 +1,8 @@
 """Layering rules: modalities/ and storage/ import neither Ray nor Prefect; light paths stay light.
 
 Light paths are the modality registry, the configuration and the CLI commands that only read
-configs and stores (``--help``, ``config``, ``init``, ``artefacts``, ``quarantine``): they
+configs and stores (``--help``, ``config``, ``init``, ``artefacts``, ``quarantine``,
+``lineage``): they
 import neither torch, its companions, Ray nor Prefect, and answer in well under two seconds.
 """
 
@@ -102,10 +103,13 @@ def _light_commands(root: Path) -> dict[str, tuple[list[str], int]]:
         "artefacts": (["artefacts", "list", "--store", str(store)], 0),
         "quarantine": (["quarantine", "no-such-dataset", "--store", str(store)], 2),
         "init": (["init", str(manifest), "-o", str(root / "chorus.yaml"), "--force"], 0),
+        "lineage": (["lineage", "ds-none", "--down", "--store", str(store)], 2),
     }
 
 
-@pytest.mark.parametrize("command", ["help", "config", "artefacts", "quarantine", "init"])
+@pytest.mark.parametrize(
+    "command", ["help", "config", "artefacts", "quarantine", "init", "lineage"]
+)
 def test_light_commands_import_nothing_heavy_and_answer_fast(command, tmp_path):
     argv, code = _light_commands(tmp_path)[command]
     env = {k: v for k, v in os.environ.items() if k != "CHORUS_STORE"}

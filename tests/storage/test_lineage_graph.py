@@ -1,0 +1,133 @@
+"""The lineage graph of a store's event log: upstream and downstream closures, depth, and
+the tree / JSON / DOT forms, on events written by real ``lineage_run`` jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from storage import fs, lineage_graph, uris
+from storage.artefacts import Store
+from storage.errors import UserError
+from storage.lineage_events import LineageDataset, folder, lineage_run, source_file
+
+MANIFEST = "sha256:" + "1" * 64
+OTHER = "sha256:" + "2" * 64
+
+
+def _made(store: Store, *parts: str) -> str:
+    uri = store.uri(*parts)
+    fs.write_bytes(uris.join(uri, "data"), b"...")
+    return uri
+
+
+def _pipeline(store: Store, manifest: str, *, sha: str, dataset: str, run: str) -> None:
+    """ingest -> train -> evaluate + embed, as the jobs record them: evaluate and embed name
+    the checkpoint by its URI only, as they read it."""
+    dataset_uri = _made(store, "datasets", dataset)
+    checkpoint = _made(store, "runs", run, "checkpoint_000001")
+    with lineage_run(store, "ingest", [source_file(manifest, sha.removeprefix("sha256:"))]) as job:
+        job.output(folder(dataset_uri, kind="dataset", id=dataset, rows=10))
+    data = LineageDataset(uri=dataset_uri, kind="dataset", id=dataset)
+    with lineage_run(store, "train", [data]) as job:
+        job.output(folder(checkpoint, kind="run", id=run))
+    weights = LineageDataset(uri=checkpoint, kind="run")
+    for kind, prefix in (("evaluation", "ev"), ("embedding", "em")):
+        made = f"{prefix}-{run}"
+        with lineage_run(store, kind, [weights, data]) as job:
+            job.output(folder(_made(store, f"{kind}s", made), kind=kind, id=made))
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    store = Store.open(str(tmp_path / "store"))
+    _pipeline(store, str(tmp_path / "a.csv"), sha=MANIFEST, dataset="ds-a", run="ds-a-clip")
+    _pipeline(store, str(tmp_path / "b.csv"), sha=OTHER, dataset="ds-b", run="ds-b-clip")
+    with pytest.raises(RuntimeError):  # a failed job adds nothing to the graph
+        with lineage_run(store, "train", [LineageDataset(uri="x", kind="dataset", id="ds-a")]):
+            raise RuntimeError("out of memory")
+    return store
+
+
+def _ids(lineage) -> set[str]:
+    return {node.id for node in lineage.nodes}
+
+
+def test_upstream_of_an_evaluation_reaches_the_manifest(store):
+    graph = lineage_graph.load(store.root)
+    up = graph.closure("ev-ds-a-clip")
+    assert _ids(up) == {"ev-ds-a-clip", "ds-a-clip", "ds-a", MANIFEST}
+    assert set(up.edges) == {
+        ("ds-a-clip", "ev-ds-a-clip"),  # the checkpoint URI resolved to its run
+        ("ds-a", "ev-ds-a-clip"),
+        ("ds-a", "ds-a-clip"),
+        (MANIFEST, "ds-a"),
+    }
+    assert _ids(graph.closure("ev-ds-a-clip", depth=1)) == {"ev-ds-a-clip", "ds-a-clip", "ds-a"}
+    assert _ids(graph.closure("ev-ds-a-clip", depth=0)) == {"ev-ds-a-clip"}
+
+
+def test_downstream_of_a_dataset_is_everything_made_from_it(store):
+    graph = lineage_graph.load(store.root)
+    down = graph.closure("ds-a", down=True)
+    assert _ids(down) == {"ds-a", "ds-a-clip", "ev-ds-a-clip", "em-ds-a-clip"}
+    assert all(source != "ds-b" for source, _ in down.edges)
+    assert _ids(graph.closure(MANIFEST, down=True, depth=1)) == {MANIFEST, "ds-a"}
+
+
+def test_json_has_exactly_root_nodes_and_edges(store):
+    closure = lineage_graph.load(store.root).closure("ds-a-clip")
+    payload = json.loads(json.dumps(closure.to_json()))
+    assert set(payload) == {"root", "nodes", "edges"} and payload["root"] == "ds-a-clip"
+    assert payload["nodes"][0] == {
+        "id": "ds-a-clip",
+        "kind": "run",
+        "name": "runs/ds-a-clip/checkpoint_000001",
+        "uri": store.uri("runs", "ds-a-clip", "checkpoint_000001"),
+    }
+    assert all(set(node) == {"id", "kind", "name", "uri"} for node in payload["nodes"])
+    assert {"id": MANIFEST, "kind": "manifest"}.items() <= payload["nodes"][-1].items()
+    assert payload["edges"] == [  # sorted
+        {"from": "ds-a", "to": "ds-a-clip"},
+        {"from": MANIFEST, "to": "ds-a"},
+    ]
+
+
+def test_tree_expands_a_shared_input_once_and_dot_draws_every_edge(store):
+    closure = lineage_graph.load(store.root).closure("ev-ds-a-clip")
+    tree = closure.to_tree().splitlines()
+    assert tree[0].startswith("ev-ds-a-clip  evaluation")
+    assert sum("ds-a  dataset" in line for line in tree) == 2
+    assert sum("(see above)" in line for line in tree) == 1
+    assert any(line.strip(" │").startswith("└── " + MANIFEST) for line in tree)
+    dot = closure.to_dot()
+    assert dot.startswith("digraph lineage {") and dot.count(" -> ") == len(closure.edges)
+
+
+def test_unknown_ids_and_negative_depths_are_user_errors(store):
+    graph = lineage_graph.load(store.root)
+    with pytest.raises(UserError, match="no lineage of 'ds-nope'"):
+        graph.closure("ds-nope")
+    with pytest.raises(UserError, match="--depth"):
+        graph.closure("ds-a", depth=-1)
+    assert graph.find(store.uri("datasets", "ds-a")).id == "ds-a"  # a URI also names it
+
+
+def test_a_thousand_runs_query_in_well_under_a_second(tmp_path):
+    """The log is read on every query: its cost grows with the number of events."""
+    store = Store.open(str(tmp_path / "store"))
+    data = LineageDataset(uri=store.uri("datasets", "ds-0"), kind="dataset", id="ds-0")
+    for index in range(1000):
+        with lineage_run(store, "train", [data]) as job:
+            job.output(
+                LineageDataset(uri=store.uri("runs", f"r{index}"), kind="run", id=f"r{index}")
+            )
+    started = time.perf_counter()
+    down = lineage_graph.load(store.root).closure("ds-0", down=True)
+    seconds = time.perf_counter() - started
+    assert len(down.nodes) == 1001
+    limit = 1.0 if os.cpu_count() and os.cpu_count() > 2 else 3.0
+    assert seconds < limit, f"{seconds:.2f} s"
