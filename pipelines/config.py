@@ -240,10 +240,12 @@ class ChorusConfig(_Section):
         if target is not None and target in (query or []):
             raise ConfigError("evaluate.query", f"must not contain the target {target!r}")
         if self.data.columns:  # else they come from the dataset, checked where they are known
-            self._check_against_columns(set(self.data.columns))
+            self.check_against_columns(set(self.data.columns))
         return self
 
-    def _check_against_columns(self, columns: set[str]) -> None:
+    def check_against_columns(self, columns: set[str]) -> None:
+        """Raise unless ``model.freeze``, ``evaluate.target`` and ``evaluate.query`` name
+        only ``columns`` (the config's own, or the dataset's when the config has none)."""
         if unknown := set(self.model.freeze) - columns:
             raise ConfigError("model.freeze", f"{sorted(unknown)} are not data columns")
         if self.evaluate.target is not None and self.evaluate.target not in columns:
