@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipelines.config import EvalConfig
 from pipelines.dataset import DatasetVersion, SplitTooSmall
 from pipelines.train.evaluate import (
     evaluate,
@@ -158,6 +159,10 @@ def test_train_on_ray_train_then_resume_and_evaluate(ingested):
     assert set(table.column_names) == {"id", *modalities, *(f"{m}_present" for m in modalities)}
     assert table.column("image_present").to_pylist() == [True] * table.num_rows
 
+    with pytest.raises(SplitTooSmall, match=r"--split='tset': dataset .* no rows"):
+        export_embeddings(result["run"], None, cfg, "tset")
+    with pytest.raises(SplitTooSmall, match=r"evaluate\.split='tset'"):
+        evaluate(result["run"], None, cfg.model_copy(update={"evaluate": EvalConfig(split="tset")}))
     evaluation = evaluate(result["run"], None, cfg)  # the run's id and its own dataset
     assert evaluation["rows"] == manifest["splits"]["test"]
     assert evaluation["dataset"] == manifest["id"]
