@@ -373,11 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "plain_stdout", False):
         return _run(args, None)
     from pipelines import console
+    from pipelines.runtime import shutdown_ray
 
     live = False if getattr(args, "json", False) else None
     with console.session(args.command, verbose=args.verbose, live=live) as session:
         args.result_stream = session.result
-        return _run(args, session.log_path)
+        try:
+            return _run(args, session.log_path)
+        finally:
+            shutdown_ray()  # late worker output goes to the log, not the terminal
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 PREFECT_DEFAULTS = {
@@ -45,6 +46,17 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         log_to_driver=True,
         runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_worker_logs"},
     )
+
+
+def shutdown_ray() -> None:
+    """End this process's Ray session, if it has one (never importing Ray for it).
+
+    The CLI calls it before it gives the terminal back: worker output still in flight is
+    relayed to the driver until the session ends, and must land in the command's log.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 class _DropMessage(logging.Filter):

@@ -57,7 +57,7 @@ def test_demo_data_then_ingest_json_then_list(tmp_path):
     assert result["rows_written"] == 60 and result["dataset"].startswith("ds-")
     listed = chorus("artefacts", "list", "--store", str(store), "--json")
     assert [r["id"] for r in json.loads(listed.stdout)] == [result["dataset"]]
-    shown = chorus("artefacts", "show", result["dataset"], "--store", str(store))
+    shown = chorus("artefacts", "show", result["dataset"], "--store", str(store), "--json")
     assert json.loads(shown.stdout)["kind"] == "dataset"
     got = chorus(
         "artefacts", "get", result["dataset"], str(tmp_path / "copy"), "--store", str(store)
@@ -89,11 +89,8 @@ def test_training_draws_one_bar_and_logs_the_chatter(trained_store, tmp_path):
     args = ["train", dataset, "--preset", "debug", "--store", str(store)]
     out = chorus(*args, "--set", "train.max_steps=4", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    bars = [line for line in _lines(out.stderr) if line.startswith("train:")]
-    assert len(bars) == 1 and re.match(r"train: 4/4 \[.*loss=\d+\.\d{4}, samples/s=\d+\]$", bars[0])
-    assert len(_lines(out.stderr)) == len(set(_lines(out.stderr)))  # nothing said twice
-    for chatter in ("TrainingReport(", "core_worker", "Gloo", "RayTrainWorker"):
-        assert chatter not in out.stderr
+    (bar,) = _lines(out.stderr)  # the demo data has a val split: no holdout note either
+    assert re.match(r"train: 4/4 \[.*loss=\d+\.\d{4}, samples/s=\d+\]$", bar), out.stderr
     assert out.stdout.startswith("run ")
     (log,) = (tmp_path / ".chorus" / "logs").glob("train-*.log")
     assert "RayTrainWorker" in log.read_text()
