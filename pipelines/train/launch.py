@@ -91,12 +91,9 @@ def run_config_for(
     ``validation`` says where the 'val' rows come from (a stored split or a holdout).
     """
     _check_sizes(dataset, cfg.train)
+    cfg.check_against_columns(set(dataset.columns))
     settings = to_dict(cfg)
     towers = (settings.get("data") or {}).get("columns") or {}
-    if unknown := sorted(set(cfg.model.freeze) - set(dataset.columns)):
-        raise TrainingSetupError(
-            f"model.freeze: {unknown} are not columns of {dataset.id} ({list(dataset.columns)})"
-        )
     val_rows = dataset.split_size(VAL)
     return {
         "dataset_id": dataset.id,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.config import EvalConfig
+from pipelines.config import ConfigError, EvalConfig
 from pipelines.dataset import DatasetVersion, SplitTooSmall
 from pipelines.train.evaluate import (
     evaluate,
@@ -97,7 +97,8 @@ def _bare_version(folder: Path, splits: dict[str, int]) -> DatasetVersion:
     names = [name for name, rows in splits.items() for _ in range(rows)]
     table = pa.table({"id": [f"r{i:04d}" for i in range(len(names))], "split": names})
     pq.write_table(table, folder / "datasets" / "ds-bare" / "shards" / "part-0.parquet")
-    manifest = {"splits": splits, "columns": {}, "shards": [{"path": "shards/part-0.parquet"}]}
+    columns = {name: {"kind": name} for name in ("image", "audio", "text")}  # no timeseries
+    manifest = {"splits": splits, "columns": columns, "shards": [{"path": "shards/part-0.parquet"}]}
     (folder / "datasets" / "ds-bare" / "manifest.json").write_text(json.dumps(manifest))
     return DatasetVersion.open(Store.open(str(folder)), "ds-bare")
 
@@ -125,6 +126,9 @@ def test_training_holds_out_val_rows_and_checks_sizes_before_any_work(tmp_path, 
     latest = debug_config("train.val_fraction=0", "train.keep_by=latest")
     unchecked = run_config_for(training_view(dataset, latest.train), latest, "clip", {})
     assert unchecked["validation"] is None and unchecked["val_rows"] == 0
+    frozen = debug_config("model.freeze=[timeseries]")  # in the config, not in the dataset
+    with pytest.raises(ConfigError, match=r"model\.freeze: \['timeseries'\] are not data"):
+        run_config_for(view, frozen, "clip", {})
     with pytest.raises(SplitTooSmall, match="no 'train' rows"):
         training_view(_bare_version(tmp_path / "t", {"test": 20}), cfg.train)
 
