@@ -19,6 +19,7 @@ from pipelines.config import ChorusConfig, to_dict
 from storage import fs, uris
 from storage.artefacts import Store
 from storage.lineage import LineageRecord, digest_of
+from storage.lineage_events import LineageDataset, folder, lineage_run
 
 # (metric, its chance, short name); K-candidate keys carry K, so "K" stands for them here.
 HEADLINE = (
@@ -355,6 +356,24 @@ def write(
 ) -> dict[str, Any]:
     """Store ``summary.json``, ``report.md`` and the plots with a lineage record."""
     store = Store.open(cfg.store)
+    data_id = dataset["id"]
+    inputs = [LineageDataset(uri=store.dataset_uri(data_id), kind="dataset", id=data_id)]
+    inputs += [LineageDataset(uri=r["checkpoint"], kind="run", id=r["run"]) for r in runs.values()]
+    for ev_id in (ev["evaluation"] for ev in evaluations.values()):
+        inputs.append(LineageDataset(uri=store.evaluation_uri(ev_id), kind="evaluation", id=ev_id))
+    with lineage_run(store, "report", inputs) as run:
+        summary = _write(store, cfg, dataset, runs, evaluations)
+        run.output(folder(summary["uri"], kind="report", id=summary["report"]))
+    return summary
+
+
+def _write(
+    store: Store,
+    cfg: ChorusConfig,
+    dataset: dict[str, Any],
+    runs: dict[str, Any],
+    evaluations: dict[str, Any],
+) -> dict[str, Any]:
     evaluation_ids = {objective: ev["evaluation"] for objective, ev in evaluations.items()}
     report_id = f"rp-{digest_of(dataset['id'], runs, evaluation_ids)[:12]}"
     uri = store.uri("reports", report_id)

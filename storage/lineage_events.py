@@ -1,6 +1,6 @@
 """OpenLineage run events for every chorus job: what a job read and what it made.
 
-    with lineage_run(store, "train", inputs=[dataset_input(version.uri, version.manifest)]) as run:
+    with lineage_run(store, "train", [published_dataset(dataset.uri, dataset.manifest)]) as run:
         ...
         run.output(folder(checkpoint_uri, kind="run", id=run_name))
 
@@ -43,7 +43,7 @@ class LineageDataset:
     files: int | None = None
 
 
-def dataset_input(uri: str, manifest: dict[str, Any]) -> LineageDataset:
+def published_dataset(uri: str, manifest: dict[str, Any]) -> LineageDataset:
     """A published dataset version (its ``manifest.json`` as read), with its statistics."""
     entries = [*manifest["shards"], *manifest["quarantine"]["files"], *manifest["records"]]
     return LineageDataset(

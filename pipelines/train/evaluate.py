@@ -60,6 +60,7 @@ from storage import fs, uris
 from storage.artefacts import ArtefactNotFound, Store
 from storage.errors import UserError
 from storage.lineage import LineageRecord, digest_of
+from storage.lineage_events import LineageDataset, folder, lineage_run, published_dataset
 
 # (query features by modality, candidate features) -> (queries, candidates) scores
 Score = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
@@ -386,10 +387,27 @@ def export_embeddings(
 ) -> dict[str, Any]:
     """``id`` + per modality an embedding column and a ``<column>_present`` flag (an absent
     value's embedding is the model's learned "missing" vector), as Parquet with lineage."""
+    opened = open_checkpoint(checkpoint, dataset_id, cfg)
+    with lineage_run(opened.store, "embed", _lineage_inputs(opened)) as run:
+        result = _export(opened, cfg, split)
+        run.output(
+            folder(result["uri"], kind="embedding", id=result["embedding"], rows=result["rows"])
+        )
+    return result
+
+
+def _lineage_inputs(opened: Opened) -> list[LineageDataset]:
+    """The checkpoint (named by its URI: the lineage graph finds its run) and the dataset."""
+    dataset = opened.dataset
+    checkpoint = LineageDataset(uri=opened.checkpoint_uri, kind="run")
+    return [checkpoint, published_dataset(dataset.uri, dataset.manifest)]
+
+
+def _export(opened: Opened, cfg: ChorusConfig, split: str | None) -> dict[str, Any]:
+    """:func:`export_embeddings` of an opened checkpoint."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    opened = open_checkpoint(checkpoint, dataset_id, cfg)
     dataset, model = opened.dataset, opened.model
     field = "--split" if split else "evaluate.split"
     split = split or cfg.evaluate.split
@@ -455,8 +473,16 @@ def evaluate(checkpoint: str, dataset_id: str | None, cfg: ChorusConfig) -> dict
     ``checkpoint``: a run id, checkpoint URI or folder; ``dataset_id`` defaults to the
     dataset the run trained on. Model, columns and objective come from the checkpoint.
     """
-    settings = cfg.evaluate
     opened = open_checkpoint(checkpoint, dataset_id, cfg)
+    with lineage_run(opened.store, "evaluate", _lineage_inputs(opened)) as run:
+        result = _evaluate(opened, cfg)
+        run.output(folder(result["uri"], kind="evaluation", id=result["evaluation"]))
+    return result
+
+
+def _evaluate(opened: Opened, cfg: ChorusConfig) -> dict[str, Any]:
+    """:func:`evaluate` of an opened checkpoint."""
+    settings = cfg.evaluate
     dataset, model, config = opened.dataset, opened.model, opened.config
     modalities = list(model.towers)
     target, query = headline_task(settings, modalities)

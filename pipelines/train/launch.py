@@ -23,6 +23,7 @@ from storage import fs, uris
 from storage.artefacts import Store
 from storage.errors import UserError
 from storage.lineage import LineageRecord, digest_of
+from storage.lineage_events import folder, lineage_run, published_dataset
 
 
 class TrainingSetupError(UserError, ValueError):
@@ -126,6 +127,22 @@ def train(
 
     ``objective`` defaults to ``train.objective`` with ``train.objective_options``.
     """
+    store = Store.open(cfg.store, create=False)
+    dataset = training_view(DatasetVersion.open(store, dataset_id), cfg.train)
+    with lineage_run(store, "train", [published_dataset(dataset.uri, dataset.manifest)]) as run:
+        result = _fit(store, dataset, cfg, objective, options)
+        run.output(folder(result["checkpoint"], kind="run", id=result["run"]))
+    return result
+
+
+def _fit(
+    store: Store,
+    dataset: DatasetVersion,
+    cfg: ChorusConfig,
+    objective: str | None,
+    options: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`train` on the opened store and the dataset as training reads it."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -133,8 +150,6 @@ def train(
     from pipelines.runtime import ensure_ray
     from pipelines.train.progress import TrainingProgress
 
-    store = Store.open(cfg.store, create=False)
-    dataset = training_view(DatasetVersion.open(store, dataset_id), cfg.train)
     if objective is None or (objective == cfg.train.objective and options is None):
         objective, options = cfg.train.objective, cfg.train.objective_options
     config = run_config_for(dataset, cfg, objective, options or {})
