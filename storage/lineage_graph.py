@@ -4,18 +4,23 @@ Every COMPLETE event in ``lineage/events/`` (see :mod:`storage.lineage_events`) 
 from each of its inputs to each of its outputs. A node is a dataset of those events, keyed
 by its content id (the ``version`` facet: ``ds-...``, a run name, ``ev-...``, ``em-...``,
 ``rp-...``, ``sha256:...`` for an input manifest); an input named only by its URI (a
-checkpoint folder) is the node whose output had that URI. Nothing else is kept: the graph is
-rebuilt from the log on every query, so it is always the store's own story, on any machine
-that can read the store. The log is read with plain JSON (no OpenLineage client needed).
+checkpoint folder) is the node whose output had that URI. The graph is rebuilt from the log
+on every query, so it is the store's own story on any machine that can read the store; the
+only index is a local cache of what each (immutable) event said. The log is read as plain
+JSON: no OpenLineage client needed.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 import posixpath
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from storage import fs, uris
@@ -140,41 +145,96 @@ def _label(node: Node, again: bool = False) -> str:
     return f"{node.id}  {node.kind}  " + ("(see above)" if again else node.name)
 
 
+# What one event says, as the graph needs it: ([input], [output]), each [uri, version, kind].
+Summary = list[list[list[str | None]]]
+
+
 def load(store_root: str) -> Graph:
-    """The graph of every COMPLETE event in the store at ``store_root``."""
+    """The graph of every COMPLETE event in the store at ``store_root``.
+
+    Events are immutable and uniquely named, so what each one says is cached on this machine
+    (see :func:`cache_path`) by its file name: a query lists the log and reads only the
+    events it has not seen. Deleting the cache costs one full read, nothing else.
+    """
     folder = uris.join(store_root, *EVENTS)
-    paths = [info.path for info in fs.list_files(folder) if info.path.endswith("-COMPLETE.json")]
-    with ThreadPoolExecutor(READERS) as pool:
-        events = list(pool.map(lambda p: fs.read_json(fs.to_uri(store_root, p)), paths))
-    return _graph(store_root, events)
+    names = [i.base_name for i in fs.list_files(folder) if i.base_name.endswith("-COMPLETE.json")]
+    cache = cache_path(store_root)
+    known = _read_cache(cache)
+    missing = [name for name in names if name not in known]
+    if missing:
+        read = functools.partial(_summary_of, folder)
+        if uris.is_remote(store_root):  # one GET each: overlap their latency
+            with ThreadPoolExecutor(READERS) as pool:
+                known.update(zip(missing, pool.map(read, missing), strict=True))
+        else:
+            known.update((name, read(name)) for name in missing)
+        _write_cache(cache, {name: known[name] for name in names})
+    return _graph(store_root, [known[name] for name in names])
 
 
-def _graph(store_root: str, events: list[dict[str, Any]]) -> Graph:
-    """Outputs first: an input known only by its URI is the node some job output there."""
-    by_uri: dict[str, Node] = {}
-    for event in events:  # in time order: a URI published again is its newest node
-        for dataset in event.get("outputs") or []:
-            node = _node(store_root, dataset, by_uri)
-            by_uri[node.uri] = node
-    nodes = {node.id: node for node in by_uri.values()}
-    edges = set()
-    for event in events:
-        inputs = [_node(store_root, d, by_uri) for d in event.get("inputs") or []]
-        outputs = [_node(store_root, d, by_uri) for d in event.get("outputs") or []]
-        for node in inputs:
-            nodes.setdefault(node.id, node)
-        edges |= {(i.id, o.id) for i in inputs for o in outputs if i.id != o.id}
-    return Graph(store_root, nodes, frozenset(edges))
+def cache_path(store_root: str) -> Path:
+    """``$CHORUS_CACHE`` (default ``~/.cache/chorus``)/lineage-<digest of the store URI>.json."""
+    base = os.environ.get("CHORUS_CACHE") or Path.home() / ".cache" / "chorus"
+    digest = hashlib.sha256(store_root.encode()).hexdigest()[:16]
+    return Path(base, f"lineage-{digest}.json")
 
 
-def _node(store_root: str, dataset: dict[str, Any], by_uri: dict[str, Node]) -> Node:
+def _read_cache(path: Path) -> dict[str, Summary]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: rebuilt from the store
+        return {}
+
+
+def _write_cache(path: Path, summaries: dict[str, Summary]) -> None:
+    """Atomically (a concurrent query reads the old or the new cache, never half of one)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(f".{os.getpid()}.tmp")
+        temp.write_text(json.dumps(summaries))
+        os.replace(temp, path)
+    except OSError:  # a read-only home: queries still work, uncached
+        pass
+
+
+def _summary_of(folder: str, name: str) -> Summary:
+    event = fs.read_json(uris.join(folder, name))
+    return [
+        [_dataset(d) for d in event.get("inputs") or []],
+        [_dataset(d) for d in event.get("outputs") or []],
+    ]
+
+
+def _dataset(dataset: dict[str, Any]) -> list[str | None]:
     namespace, name = dataset["namespace"], dataset["name"]
     uri = name if namespace == "file" else f"{namespace.rstrip('/')}/{name.lstrip('/')}"
     facets = dataset.get("facets") or {}
     version = (facets.get("version") or {}).get("datasetVersion")
+    return [uri, version, (facets.get("datasetType") or {}).get("subType") or "file"]
+
+
+def _graph(store_root: str, summaries: list[Summary]) -> Graph:
+    """Outputs first: an input known only by its URI is the node some job output there."""
+    by_uri: dict[str, Node] = {}
+    for _, outputs in summaries:  # in time order: a URI published again is its newest node
+        for dataset in outputs:
+            node = _node(store_root, dataset, by_uri)
+            by_uri[node.uri] = node
+    nodes = {node.id: node for node in by_uri.values()}
+    edges = set()
+    for inputs, outputs in summaries:
+        sources = [_node(store_root, d, by_uri) for d in inputs]
+        made = [_node(store_root, d, by_uri) for d in outputs]
+        for node in sources:
+            nodes.setdefault(node.id, node)
+        edges |= {(i.id, o.id) for i in sources for o in made if i.id != o.id}
+    return Graph(store_root, nodes, frozenset(edges))
+
+
+def _node(store_root: str, dataset: list[str | None], by_uri: dict[str, Node]) -> Node:
+    uri, version, kind = dataset
     if version is None and uri in by_uri:
         return by_uri[uri]
-    kind = (facets.get("datasetType") or {}).get("subType") or "file"
     return Node(version or uri, kind, _short_name(store_root, uri), uri)
 
 

@@ -5,6 +5,7 @@ dataset reaches the evaluation."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from storage.artefacts import Store
 from storage.lineage_events import EVENTS
 
 
-def chorus(*args: str) -> subprocess.CompletedProcess:
+def chorus(*args: str, cache) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pipelines.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    env = os.environ | {"CHORUS_CACHE": str(cache)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,10 @@ def test_every_job_emitted_events_that_follow_the_spec(evaluated, openlineage_ev
     assert all(openlineage_event_errors(event) == [] for event in events)
 
 
-def test_up_from_the_evaluation_reaches_the_input_manifest(evaluated, demo_manifest):
+def test_up_from_the_evaluation_reaches_the_input_manifest(evaluated, demo_manifest, tmp_path):
     store, manifest, run, evaluation = evaluated
-    out = chorus("lineage", evaluation["evaluation"], "--up", "--format", "json", "--store", store)
+    args = ["lineage", evaluation["evaluation"], "--up", "--format", "json", "--store", store]
+    out = chorus(*args, cache=tmp_path)
     assert out.returncode == 0, out.stderr
     graph = json.loads(out.stdout)
     assert set(graph) == {"root", "nodes", "edges"} and graph["root"] == evaluation["evaluation"]
@@ -72,14 +75,16 @@ def test_up_from_the_evaluation_reaches_the_input_manifest(evaluated, demo_manif
     }
 
 
-def test_down_from_the_dataset_reaches_the_evaluation(evaluated):
+def test_down_from_the_dataset_reaches_the_evaluation(evaluated, tmp_path):
     store, manifest, run, evaluation = evaluated
-    out = chorus("lineage", manifest["id"], "--down", "--store", store)
+    out = chorus("lineage", manifest["id"], "--down", "--store", store, cache=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"{manifest['id']}  dataset")
     assert any(f"{run['run']}  run" in line for line in lines)
     assert any(f"{evaluation['evaluation']}  evaluation" in line for line in lines)
-    dot = chorus("lineage", run["run"], "--down", "--format", "dot", "--store", store)
+    dot = chorus(
+        "lineage", run["run"], "--down", "--format", "dot", "--store", store, cache=tmp_path
+    )
     assert dot.returncode == 0, dot.stderr
     assert f'"{run["run"]}" -> "{evaluation["evaluation"]}";' in dot.stdout

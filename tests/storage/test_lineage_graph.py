@@ -41,6 +41,11 @@ def _pipeline(store: Store, manifest: str, *, sha: str, dataset: str, run: str) 
             job.output(folder(_made(store, f"{kind}s", made), kind=kind, id=made))
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHORUS_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def store(tmp_path) -> Store:
     store = Store.open(str(tmp_path / "store"))
@@ -114,6 +119,21 @@ def test_unknown_ids_and_negative_depths_are_user_errors(store):
     with pytest.raises(UserError, match="--depth"):
         graph.closure("ds-a", depth=-1)
     assert graph.find(store.uri("datasets", "ds-a")).id == "ds-a"  # a URI also names it
+
+
+def test_the_cache_is_rebuilt_from_the_store_and_sees_new_events(store, tmp_path):
+    cold = lineage_graph.load(store.root)
+    cache = lineage_graph.cache_path(store.root)
+    assert cache.parent == tmp_path / "cache" and cache.exists()
+    assert lineage_graph.load(store.root) == cold  # warm: from the cache
+    cache.write_text("{not json")
+    assert lineage_graph.load(store.root) == cold  # unreadable: rebuilt from the log
+    data = LineageDataset(uri=store.uri("datasets", "ds-a"), kind="dataset", id="ds-a")
+    with lineage_run(store, "train", [data]) as job:
+        job.output(LineageDataset(uri=store.uri("runs", "again"), kind="run", id="again"))
+    assert "again" in {
+        n.id for n in lineage_graph.load(store.root).closure("ds-a", down=True).nodes
+    }
 
 
 def test_a_thousand_runs_query_in_well_under_a_second(tmp_path):
