@@ -107,8 +107,14 @@ class DatasetVersion:
         return {name: int(n) for name, n in self.manifest["splits"].items()}
 
     def shard_paths(self) -> list[str]:
-        _, root = fs.filesystem(self.uri)
-        return [f"{root}/{shard['path']}" for shard in self.manifest["shards"]]
+        return [fs.filesystem(self.file_uri(shard))[1] for shard in self.manifest["shards"]]
+
+    def file_uri(self, entry: dict[str, Any]) -> str:
+        """Where a file the manifest lists lies: in this version's folder, or in that of the
+        version named by its ``dataset`` (an incremental version keeps its base's files)."""
+        if "dataset" not in entry:
+            return uris.join(self.uri, entry["path"])
+        return uris.join(uris.parent(self.uri), entry["dataset"], entry["path"])
 
     def split_size(self, split: str) -> int:
         if self.holdout and split == VAL:
@@ -199,7 +205,7 @@ class DatasetVersion:
             found = fs.list_files(uris.join(self.uri, "quarantine"))
             paths = [fs.to_uri(self.uri, info.path) for info in found]
         else:
-            paths = [uris.join(self.uri, entry["path"]) for entry in files]
+            paths = [self.file_uri(entry) for entry in files]
         tables = [
             pq.read_table(io.BytesIO(fs.read_bytes(path)), columns=QUARANTINE_COLUMNS)
             for path in paths

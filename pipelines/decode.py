@@ -9,9 +9,11 @@ retried block overwrites, never adds):
     records/part-<block>.parquet      per record: each file's fingerprint and the sha256
                                       of the bytes actually decoded
 
-It returns one small metadata row per file (:class:`StagedFile`), from which the driver
-builds the dataset manifest. It is a plain callable class: Ray Data runs it in actors, and
-``ingest(..., inline=True)`` in the calling process.
+The records sidecar also keeps each record's row digest (``pipelines.identity.row_digests``),
+which an incremental ingest compares. It returns one small metadata row per file
+(:class:`StagedFile`), from which the driver builds the dataset manifest. It is a plain
+callable class: Ray Data runs it in actors, and ``ingest(..., inline=True)`` in the calling
+process.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from modalities import registry
@@ -46,7 +49,9 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 BLOCK = "_block"  # input column: the block's index, which names the files it writes
 FINGERPRINT = "__fingerprint"  # input columns <name>__fingerprint, from pipelines.identity
+ROW = "__row"  # input and records column: the record's row digest
 FOLDERS = {"shard": "shards", "quarantine": "quarantine", "records": "records"}
+COUNTS = ("splits", "presence", "records", "by_kind")  # the detail a manifest entry keeps
 
 
 class _Decoded(NamedTuple):
@@ -66,6 +71,7 @@ class StagedFile:
     bytes: int
     sha256: str
     detail: dict[str, Any]  # counts (shards, quarantine) or stage costs (records)
+    dataset: str | None = None  # the version whose folder holds it, if not the one listing it
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> StagedFile:
@@ -73,8 +79,20 @@ class StagedFile:
         counts = {k: int(row[k]) for k in ("block", "rows", "bytes")}
         return cls(**fields, **counts, detail=json.loads(row["detail"]))
 
+    @classmethod
+    def from_entry(cls, kind: str, entry: dict[str, Any], dataset: str) -> StagedFile:
+        """A file a published version lists, as a later version referencing it sees it."""
+        detail = entry["counts"] if kind != "records" else {"cost_s": {}, "write_s": 0.0}
+        fields = {k: entry[k] for k in ("path", "rows", "bytes", "sha256", "block")}
+        return cls(kind=kind, **fields, detail=detail, dataset=entry.get("dataset", dataset))
+
     def entry(self) -> dict[str, Any]:
-        return {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+        """The manifest's entry: where it is, its checksum, and the counts a later version
+        referencing it adds up (``from_entry``)."""
+        counts = {k: v for k, v in self.detail.items() if k in COUNTS}
+        entry = {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+        entry |= {"block": self.block, "counts": counts}
+        return entry | ({"dataset": self.dataset} if self.dataset else {})
 
 
 class RecordDecoder:
@@ -177,7 +195,7 @@ class RecordDecoder:
         decoded, failures, digests = self._decode_all(batch["id"], cells)
         bad = {f[0] for f in failures}
         keep = [i for i in range(n) if batch["id"][i] not in bad]
-        internal = {BLOCK, *(f"{name}{FINGERPRINT}" for name in self.processors)}
+        internal = {BLOCK, ROW, *(f"{name}{FINGERPRINT}" for name in self.processors)}
         out = {
             key: values[keep]
             for key, values in batch.items()
@@ -217,7 +235,7 @@ class RecordDecoder:
         failures = [f for p in parts for f in p.failures]
         if failures:
             files.append(self._quarantine(block, failures))
-        records = {"id": batch["id"]}
+        records = {"id": batch["id"], ROW: batch[ROW]}
         for name in self.processors:
             records[f"{name}{FINGERPRINT}"] = batch[f"{name}{FINGERPRINT}"]
             records[f"{name}__sha256"] = np.array([d for p in parts for d in p.digests[name]])
@@ -230,39 +248,50 @@ class RecordDecoder:
         from ray.data.block import BlockAccessor  # Ray's own conversion: its tensor types
 
         table = BlockAccessor.batch_to_block(rows)
-        detail = {
-            "splits": Counter(rows["split"].tolist()),
-            "presence": {name: int(rows[f"{name}_present"].sum()) for name in self.processors},
-            "schema": [{"name": f.name, "type": str(f.type)} for f in table.schema],
-        }
-        return self._write("shard", block, table, detail)
+        return self._write("shard", block, table, shard_detail(table, list(self.processors)))
 
     def _quarantine(self, block: int, failures: list[tuple]) -> dict[str, Any]:
         table = pa.Table.from_pylist(
             [dict(zip(QUARANTINE_SCHEMA.names, f, strict=True)) for f in failures],
             schema=QUARANTINE_SCHEMA,
         )
-        detail = {
-            "records": len({f[0] for f in failures}),
-            "by_kind": Counter(f[3] for f in failures),
-        }
-        return self._write("quarantine", block, table, detail)
+        return self._write("quarantine", block, table, quarantine_detail(table))
 
     def _write(self, kind: str, block: int, table: pa.Table, detail: dict) -> dict[str, Any]:
-        path = f"{FOLDERS[kind]}/part-{block:05d}.parquet"
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        data = sink.getvalue()
-        fs.write_bytes(uris.join(self.staging, path), data)
-        return {
-            "kind": kind,
-            "block": block,
-            "path": path,
-            "rows": table.num_rows,
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "detail": json.dumps(detail),
-        }
+        return write_part(self.staging, kind, block, table, detail)
+
+
+def shard_detail(table: pa.Table, columns: list[str]) -> dict[str, Any]:
+    """A shard's counts per split and per column present, and its schema."""
+    return {
+        "splits": Counter(table.column("split").to_pylist()),
+        "presence": {n: pc.sum(table.column(f"{n}_present")).as_py() or 0 for n in columns},
+        "schema": [{"name": f.name, "type": str(f.type)} for f in table.schema],
+    }
+
+
+def quarantine_detail(table: pa.Table) -> dict[str, Any]:
+    """A quarantine part's count of records and of failures by kind."""
+    ids, kinds = table.column("id").to_pylist(), table.column("error_kind").to_pylist()
+    return {"records": len(set(ids)), "by_kind": Counter(kinds)}
+
+
+def write_part(staging: str, kind: str, block: int, table: pa.Table, detail: dict) -> dict:
+    """Write one block's file of ``kind`` into ``staging``; its metadata row."""
+    path = f"{FOLDERS[kind]}/part-{block:05d}.parquet"
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    data = sink.getvalue()
+    fs.write_bytes(uris.join(staging, path), data)
+    return {
+        "kind": kind,
+        "block": block,
+        "path": path,
+        "rows": table.num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "detail": json.dumps(detail),
+    }
 
 
 def _read(uri: str) -> bytes:
@@ -272,12 +301,23 @@ def _read(uri: str) -> bytes:
         return handle.read()
 
 
-def input_blocks(table: pa.Table, identity: Identity, rows: int) -> list[pa.Table]:
-    """The manifest in blocks of ``rows`` rows, each with its index and fingerprints."""
+def input_blocks(
+    table: pa.Table,
+    identity: Identity,
+    rows: int,
+    *,
+    select: list[bool] | None = None,
+    first: int = 0,
+) -> list[pa.Table]:
+    """The manifest (its ``select``ed rows) in blocks of ``rows`` rows, each with its
+    index (counted from ``first``), fingerprints and row digests."""
     for name, prints in identity.fingerprints.items():
         table = table.append_column(f"{name}{FINGERPRINT}", pa.array(prints, pa.string()))
+    table = table.append_column(ROW, pa.array(identity.rows, pa.string()))
+    if select is not None:
+        table = table.filter(pa.array(select, pa.bool_()))
     blocks = []
-    for index, begin in enumerate(range(0, len(table), rows)):
+    for index, begin in enumerate(range(0, len(table), rows), start=first):
         block = table.slice(begin, rows)
         blocks.append(block.append_column(BLOCK, pa.array([index] * len(block), pa.int32())))
     return blocks

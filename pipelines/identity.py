@@ -8,13 +8,17 @@ or of any code outside preprocessing.
 A fingerprint is cheap metadata: a local file's size + ``mtime_ns`` (one ``stat``), an S3
 object's ETag + size (one listing per folder). Ingest also records the sha256 of the bytes
 it actually decoded for every record (the ``records/`` sidecar of a version), so a later run
-can tell changed content from a file that was only touched. References are located
+can tell changed content from a file that was only touched. Each row also gets a row
+digest (its cells and fingerprints): what an incremental ingest compares with its base's to
+find the records it can keep (``pipelines.incremental``). References are located
 lexically here (no symlinks followed): the decoders resolve them with
 ``uris.resolve_under``, which enforces the allowed roots.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 from collections import defaultdict
@@ -47,6 +51,8 @@ class Identity:
     digest: str
     fingerprints: dict[str, list[str | None]]  # column -> per row (None: inline or empty)
     preprocessing: dict[str, int]  # column -> its modality's PREPROCESSING_VERSION
+    settings: str  # digest of the data settings and preprocessing versions
+    rows: list[str]  # per manifest row, its row digest (see row_digests)
 
 
 def data_settings(cfg: ChorusConfig) -> dict[str, Any]:
@@ -70,7 +76,24 @@ def identify(table: pa.Table, cfg: ChorusConfig, root: str) -> Identity:
     versions = {name: registry.get(kind).PREPROCESSING_VERSION for name, kind in kinds.items()}
     rows = {name: table.column(name).to_pylist() for name in sorted(table.column_names)}
     digest = digest_of(rows, prints, data_settings(cfg), versions)
-    return Identity(f"ds-{digest[:12]}", digest, prints, versions)
+    settings = digest_of(data_settings(cfg), versions)
+    row_keys = row_digests(rows, prints)
+    return Identity(f"ds-{digest[:12]}", digest, prints, versions, settings, row_keys)
+
+
+def row_digests(rows: dict[str, list], prints: dict[str, list[str | None]]) -> list[str]:
+    """Per row, a digest of every cell and every referenced file's fingerprint."""
+    names, printed = sorted(rows), sorted(prints)
+    count = len(rows[names[0]]) if names else 0
+    return [
+        hashlib.blake2b(
+            json.dumps(
+                [[rows[n][i] for n in names], [prints[n][i] for n in printed]], default=str
+            ).encode(),
+            digest_size=16,
+        ).hexdigest()
+        for i in range(count)
+    ]
 
 
 def fingerprints(

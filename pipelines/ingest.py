@@ -16,11 +16,17 @@ The actors return one small metadata row per file; the driver builds ``manifest.
 from those rows (never from a listing), with the lineage record inside it, and publishes
 the attempt in one atomic commit. Readers only ever see published versions; of two
 concurrent ingests of one input, one publishes and the other returns its manifest.
+
+The input is one manifest or a glob of manifests in one folder (``drops/*.csv``): every
+match, concatenated, ids unique across them. ``incremental=True`` starts from a base version
+(``pipelines.incremental``): it keeps the base's unchanged records and decodes only new and
+changed ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
@@ -40,10 +46,19 @@ from pipelines import console
 from pipelines.config import ChorusConfig, to_dict
 from pipelines.decode import FOLDERS, RecordDecoder, StagedFile, input_blocks
 from pipelines.identity import Identity, identify, is_reference
+from pipelines.incremental import (
+    IncrementalError,
+    Plan,
+    find_base,
+    plan_reuse,
+    rewrite_blocks,
+    version_digest,
+)
 from storage import fs, publish, uris
 from storage.artefacts import ArtefactNotFound, Store
 from storage.errors import UserError
 from storage.lineage import LineageRecord, code_version
+from storage.lineage_events import lineage_run, published_dataset, source_file
 
 MANIFEST = "manifest.json"
 STAGES = ("fetch", "decode", "preprocess")
@@ -77,6 +92,74 @@ def read_manifest(uri: str, columns: dict[str, Any]) -> tuple[pa.Table, bytes]:
     return table, raw
 
 
+@dataclass(frozen=True)
+class Source:
+    """An ingest's input: ``uri`` as given (a manifest or a glob of manifests: what later
+    incremental ingests call the same input) and the (uri, sha256) of each file it matched."""
+
+    uri: str
+    files: tuple[tuple[str, str], ...]
+
+    @property
+    def root(self) -> str:
+        """The manifests' folder: their relative references resolve from it."""
+        return uris.parent(self.uri)
+
+    @property
+    def sha256(self) -> str:
+        if len(self.files) == 1:
+            return self.files[0][1]
+        listing = "".join(f"{uri}\n{digest}\n" for uri, digest in self.files)
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        files = [{"uri": uri, "sha256": digest} for uri, digest in self.files]
+        return {"uri": self.uri, "sha256": self.sha256, "files": files}
+
+
+def read_input(uri: str, columns: dict[str, Any]) -> tuple[pa.Table, Source]:
+    """Read the manifest at ``uri``, or every manifest a glob there matches, concatenated."""
+    uri = uris.normalise(uri)
+    tables, files, origin = [], [], {}
+    for path in _matches(uri):
+        table, raw = read_manifest(path, columns)
+        for record_id in table.column("id").to_pylist():
+            if record_id in origin:
+                raise ManifestError(f"id {record_id!r} is in both {origin[record_id]} and {path}")
+            origin[record_id] = path
+        tables.append(table)
+        files.append((path, hashlib.sha256(raw).hexdigest()))
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ManifestError(f"the manifests {uri} matches disagree on a column: {exc}") from None
+    return table, Source(uri, tuple(files))
+
+
+def _matches(uri: str) -> list[str]:
+    """``uri`` itself, or the files its last part matches as a glob (sorted)."""
+    folder, name = uris.parent(uri), uri.rsplit("/", 1)[-1]
+    if not _is_glob(name):
+        return [uri]
+    if _is_glob(folder):
+        raise ManifestError(
+            f"manifest glob {uri}: only the file name may hold wildcards (* ? [...]): the "
+            "manifests of one input lie in one folder"
+        )
+    found = [
+        fs.to_uri(folder, info.path)
+        for info in fs.list_files(folder, recursive=False)
+        if fnmatch.fnmatchcase(info.base_name, name)
+    ]
+    if not found:
+        raise ManifestError(f"no manifest matches {uri}")
+    return found
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
 def _string_columns(schema: pa.Schema, names: list[str]) -> pa.Schema:
     return pa.schema([pa.field(f.name, pa.string()) if f.name in names else f for f in schema])
 
@@ -100,33 +183,66 @@ def _validate(table: pa.Table, columns: dict[str, Any], uri: str) -> None:
 class _Job:
     """One ingest's inputs, read and identified before any work."""
 
-    manifest_uri: str
+    source: Source
     cfg: ChorusConfig
     columns: dict[str, dict]  # the data contract: each column's config, as plain values
     table: pa.Table
-    raw: bytes
     identity: Identity
     started: float
+    assets: dict[str, dict[str, str]]  # fitted, or kept from the base
+    digest: str  # the version's digest; its id is ds-<digest[:12]>
+    plan: Plan | None  # what an incremental ingest takes from its base
+
+    @property
+    def dataset_id(self) -> str:
+        return f"ds-{self.digest[:12]}"
 
 
 def ingest(
-    manifest_uri: str, cfg: ChorusConfig, *, progress: bool = True, inline: bool = False
+    manifest_uri: str,
+    cfg: ChorusConfig,
+    *,
+    progress: bool = True,
+    inline: bool = False,
+    incremental: bool = False,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Run the ingest job; returns the published dataset manifest (with a ``summary``).
 
-    A version already published (by an earlier or a concurrent ingest) is returned with
-    ``summary.reused`` set; nothing else is written then. ``inline`` decodes in this
-    process without Ray: the same work, as the benchmark's single-process baseline.
+    ``manifest_uri`` may be a glob of manifests. A version already published (by an
+    earlier or a concurrent ingest) is returned with ``summary.reused`` set; nothing else
+    is written then. ``inline`` decodes in this process without Ray: the same work, as the
+    benchmark's single-process baseline. ``incremental`` starts from the version ``base``
+    (default: the newest of the same input and data settings; none: a full ingest).
     """
     cfg.data.require_columns()
+    if base is not None and not incremental:
+        raise IncrementalError(f"base={base!r} is only used by an incremental ingest")
     started = time.perf_counter()
-    manifest_uri = uris.normalise(manifest_uri)
     columns = {name: spec.model_dump() for name, spec in cfg.data.columns.items()}
-    table, raw = read_manifest(manifest_uri, columns)
-    identity = identify(table, cfg, uris.parent(manifest_uri))
-    job = _Job(manifest_uri, cfg, columns, table, raw, identity, started)
+    table, read = read_input(manifest_uri, columns)
+    identity = identify(table, cfg, read.root)
     store = Store.open(cfg.store)
-    target = store.dataset_uri(identity.dataset_id)
+    fitted = _fit_assets(table, columns)
+    prior = find_base(store, read.uri, identity.settings, base) if incremental else None
+    if prior is None:
+        job = _Job(read, cfg, columns, table, identity, started, fitted, identity.digest, None)
+    else:
+        kept = prior.assets()  # the rows it lends were preprocessed with these
+        digest = version_digest(identity, kept, fitted)
+        plan = plan_reuse(prior, table, identity)
+        job = _Job(read, cfg, columns, table, identity, started, kept, digest, plan)
+    source = source_file(job.source.uri, job.source.sha256)
+    inputs = [source] + ([published_dataset(prior.uri, prior.manifest)] if prior else [])
+    with lineage_run(store, "ingest", inputs) as run:
+        manifest = _publish_version(job, store, progress, inline)
+        run.output(published_dataset(store.dataset_uri(manifest["id"]), manifest))
+    return manifest
+
+
+def _publish_version(job: _Job, store: Store, progress: bool, inline: bool) -> dict[str, Any]:
+    """The job's version in ``store``: published now, or as an earlier ingest published it."""
+    target = store.dataset_uri(job.dataset_id)
     if fs.exists(uris.join(target, MANIFEST)):
         return _reused(store, fs.read_json(uris.join(target, MANIFEST)))
 
@@ -149,7 +265,7 @@ def _build(
     job: _Job, staging: publish.Staging, target: str, progress: bool, inline: bool
 ) -> dict[str, Any]:
     """Everything of the version written into ``staging``; returns its manifest."""
-    assets = _fit_assets(job.table, job.columns)
+    assets = job.assets
     _write_assets(staging, assets)
     for name, spec in job.columns.items():  # the data contract records the effective config
         if spec["kind"] == "text":
@@ -158,22 +274,26 @@ def _build(
     decoder = {
         "columns": job.columns,
         "assets": assets,
-        "root": uris.parent(job.manifest_uri),
+        "root": job.source.root,
         "allowed_roots": job.cfg.data.allowed_roots,
         "staging": staging.uri,
         "batch_size": job.cfg.ingest.batch_size,
     }
-    files = _decode(job, decoder, progress, inline)
+    files = []
+    if job.plan is not None:
+        files += [*job.plan.kept, *rewrite_blocks(job.plan, staging.uri, list(job.columns))]
+    files += _decode(job, decoder, progress, inline)
     manifest = _describe(job, files, assets)
     summary = manifest["summary"]
     summary["seconds"] = round(time.perf_counter() - job.started, 2)
     summary["records_per_s"] = round(len(job.table) / summary["seconds"], 1)
+    base = [job.plan.base.lineage_input()] if job.plan else []
     manifest["lineage"] = LineageRecord(  # in the commit: no version without its lineage
-        id=job.identity.dataset_id,
+        id=job.dataset_id,
         kind="dataset",
         uri=target,
         config=to_dict(job.cfg),
-        inputs=[manifest["source"]],
+        inputs=[manifest["source"], *base],
         metrics=summary,
     ).to_json()
     return manifest
@@ -186,22 +306,29 @@ def _reused(store: Store, manifest: dict[str, Any]) -> dict[str, Any]:
         store.lineage(manifest["id"])
     except ArtefactNotFound:
         store.record(LineageRecord(**manifest["lineage"]))
-    return manifest | {"summary": {**manifest["summary"], "reused": True}}
+    rows = manifest["summary"]["rows_in"]  # this call decoded nothing
+    counts = {"records_decoded": 0, "records_reused": rows, "records_removed": 0}
+    return manifest | {"summary": {**manifest["summary"], **counts, "reused": True}}
 
 
 def _decode(job: _Job, decoder: dict[str, Any], progress: bool, inline: bool) -> list[StagedFile]:
     """Decode every block (``RecordDecoder(**decoder)``); the metadata of the files written."""
-    blocks = input_blocks(job.table, job.identity, job.cfg.ingest.rows_per_shard)
+    select, first = None, 0
+    if job.plan is not None:  # new and changed records only, in blocks after the kept ones
+        select, first = job.plan.decode, job.plan.next_block + len(job.plan.rewrite)
+    size = job.cfg.ingest.rows_per_shard
+    blocks = input_blocks(job.table, job.identity, size, select=select, first=first)
     workers = job.cfg.ingest.workers
     rows = _inline(blocks, decoder) if inline else _on_ray(blocks, decoder, workers)
     files = []
-    bar = console.progress(len(job.table), "ingest", "records") if progress else None
+    total = sum(len(block) for block in blocks)
+    bar = console.progress(total, "ingest", "records") if progress else None
     with bar or contextlib.nullcontext():
         for row in rows:
             files.append(StagedFile.from_row(row))
             if bar is not None and files[-1].kind == "records":
                 bar.update(files[-1].rows)
-    return sorted(files, key=lambda f: (f.kind, f.block))
+    return files
 
 
 def _on_ray(blocks: list[pa.Table], decoder: dict, workers: int | None) -> Iterator[dict]:
@@ -265,7 +392,7 @@ def _describe(
     """The dataset manifest, from the actors' metadata rows: files with checksums, counts
     per split / presence / quarantine kind, and the summed stage costs."""
     by_kind: dict[str, list[StagedFile]] = {kind: [] for kind in FOLDERS}
-    for staged in files:
+    for staged in sorted(files, key=lambda f: (f.kind, f.block)):
         by_kind[staged.kind].append(staged)
     shards, quarantine, records = by_kind["shard"], by_kind["quarantine"], by_kind["records"]
     splits, presence, errors = Counter(), Counter(dict.fromkeys(job.columns, 0)), Counter()
@@ -276,14 +403,20 @@ def _describe(
         errors.update(part.detail["by_kind"])
     quarantined = sum(part.detail["records"] for part in quarantine)
     rows_written = sum(shard.rows for shard in shards)
+    plan = job.plan
+    schemas = [s.detail["schema"] for s in shards if "schema" in s.detail]
+    base_schema = plan.base.manifest["schema"] if plan else []
+    decoded = sum(plan.decode) if plan else len(job.table)
     return {
-        "id": job.identity.dataset_id,
-        "digest": job.identity.digest,
-        "source": {"uri": job.manifest_uri, "sha256": hashlib.sha256(job.raw).hexdigest()},
+        "id": job.dataset_id,
+        "digest": job.digest,
+        "settings": job.identity.settings,
+        "base": plan.base.id if plan else None,
+        "source": job.source.record(),
         "preprocessing": job.identity.preprocessing,
         "columns": job.columns,
         "assets": {name: sorted(files) for name, files in assets.items()},
-        "schema": shards[0].detail["schema"] if shards else [],
+        "schema": schemas[0] if schemas else base_schema,
         "rows": rows_written,
         "splits": dict(splits),
         "presence": dict(presence),
@@ -300,6 +433,9 @@ def _describe(
             "rows_written": rows_written,
             "quarantined": quarantined,
             "reused": False,
+            "records_decoded": decoded,
+            "records_reused": plan.reused if plan else 0,
+            "records_removed": plan.removed if plan else 0,
             "stage_s": _stage_costs(records),
         },
     }

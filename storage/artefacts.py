@@ -99,12 +99,31 @@ class Store:
 
     def download(self, artefact_id: str, destination: str | Path) -> list[Path]:
         """Copy every file of an artefact to a local folder; returns the files written."""
-        source = self.lineage(artefact_id)["uri"]
+        record = self.lineage(artefact_id)
+        source = record["uri"]
+        files = [
+            (fs.to_uri(source, info.path), info.path[len(fs.filesystem(source)[1]) :].lstrip("/"))
+            for info in fs.list_files(source)
+        ]
+        if record["kind"] == "dataset":
+            files += _kept_in_base(source)
         written = []
-        for info in fs.list_files(source):
-            relative = info.path[len(fs.filesystem(source)[1]) :].lstrip("/")
+        for uri, relative in files:
             target = Path(destination, relative)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(fs.read_bytes(fs.to_uri(source, info.path)))
+            target.write_bytes(fs.read_bytes(uri))
             written.append(target)
         return written
+
+
+def _kept_in_base(dataset_uri: str) -> list[tuple[str, str]]:
+    """(uri, path in the version) of each file a dataset version lists from another
+    version's folder (an incremental ingest keeps its base's unchanged files there)."""
+    manifest = fs.read_json(uris.join(dataset_uri, "manifest.json"))
+    quarantine = manifest.get("quarantine", {}).get("files", [])  # older versions: none
+    entries = [*manifest["shards"], *quarantine, *manifest.get("records", [])]
+    return [
+        (uris.join(uris.parent(dataset_uri), entry["dataset"], entry["path"]), entry["path"])
+        for entry in entries
+        if "dataset" in entry
+    ]
