@@ -97,15 +97,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import ingest
 
     cfg = _load_config(args)
-    manifest = ingest(args.manifest, cfg, progress=not args.json)
+    manifest = ingest(
+        args.manifest, cfg, progress=not args.json, incremental=args.incremental, base=args.base
+    )
     s = manifest["summary"]
+    base = manifest.get("base")
     text = (
         f"dataset {manifest['id']}{' (reused)' if s['reused'] else ''}: {s['rows_in']} rows in, "
         f"{s['rows_written']} written, {s['quarantined']} quarantined "
         f"{manifest['quarantine']['by_kind']}, splits {manifest['splits']}"
         + (f", {s['records_per_s']} records/s" if "records_per_s" in s else "")
+        + (
+            f"; from {base}: {s['records_decoded']} decoded, {s['records_reused']} reused, "
+            f"{s['records_removed']} removed"
+            if base
+            else ""
+        )
     )
-    _emit(args, {"dataset": manifest["id"], **s, "quarantine": manifest["quarantine"]}, text)
+    payload = {"dataset": manifest["id"], "base": base, **s, "quarantine": manifest["quarantine"]}
+    _emit(args, payload, text)
     return 0
 
 
@@ -263,7 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("ingest", parents=[conf], help="manifest -> versioned Parquet dataset")
-    p.add_argument("manifest", help="CSV, JSONL or Parquet manifest (path or s3:// URI)")
+    p.add_argument(
+        "manifest",
+        help="CSV, JSONL or Parquet manifest (path or s3:// URI), or a glob of them in one "
+        "folder (quote it: 'drops/*.csv')",
+    )
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="keep the unchanged records of the base version; decode only new and changed ones",
+    )
+    p.add_argument(
+        "--base",
+        help="dataset id of the base version (default: the newest ingested from the same "
+        "MANIFEST argument with the same data settings)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("train", parents=[conf], help="train on an ingested dataset")
