@@ -7,7 +7,8 @@ command line; several from a YAML file (``chorus deploy --file deployments.yaml`
     deployments:
       - name: nightly            # served as chorus-ingest/nightly
         flow: ingest
-        manifest: s3://bucket/drops/manifest.csv
+        manifest: "s3://bucket/drops/*.csv"   # a glob: every drop's manifest
+        incremental: true        # decode only the new drops
         cron: "0 2 * * *"
         config: chorus.yaml      # optional: a config file, then `set` overrides
         set: [ingest.batch_size=128]
@@ -52,6 +53,9 @@ class DeploymentSpec(BaseModel):
     manifest: str = Field(description="Input manifest (path or s3:// URI).")
     cron: str | None = Field(None, description="Cron schedule, e.g. '0 2 * * *'.")
     interval: float | None = Field(None, gt=0, description="Seconds between runs.")
+    incremental: bool = Field(
+        False, description="Decode only what is new or changed since the last version."
+    )
     config: ChorusConfig
 
     @model_validator(mode="after")
@@ -70,12 +74,13 @@ class DeploymentSpec(BaseModel):
     def parameters(self) -> dict:
         """The flow run's parameters as JSON (the server stores them)."""
         source = {"train": "source"}.get(self.flow, "manifest_uri")
-        return {source: self.manifest, "config": to_dict(self.config)}
+        parameters = {source: self.manifest, "config": to_dict(self.config)}
+        return parameters | {"incremental": self.incremental}
 
 
 def spec(name: str, manifest: str, config: ChorusConfig, **fields) -> DeploymentSpec:
-    """One validated deployment (``fields``: flow, cron, interval); the manifest is made
-    absolute, since runs start in another process."""
+    """One validated deployment (``fields``: flow, cron, interval, incremental); the
+    manifest is made absolute, since runs start in another process."""
     manifest = uris.normalise(manifest)
     try:
         return DeploymentSpec.model_validate(

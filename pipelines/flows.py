@@ -59,17 +59,22 @@ def _produced_here():
 
 
 @task(name="ingest", timeout_seconds=6 * HOUR, **IO_RETRIES)
-def ingest_task(manifest_uri: str, config: ChorusConfig) -> dict[str, Any]:
+def ingest_task(
+    manifest_uri: str, config: ChorusConfig, incremental: bool = False
+) -> dict[str, Any]:
     from pipelines.ingest import ingest
 
     with _produced_here():
-        dataset = ingest(manifest_uri, config, progress=False)
+        dataset = ingest(manifest_uri, config, progress=False, incremental=incremental)
+    summary = dataset["summary"]
     get_run_logger().info(
-        "dataset %s%s: %s rows, %s quarantined",
+        "dataset %s%s: %s rows, %s quarantined; %s records decoded, %s reused",
         dataset["id"],
-        " (reused)" if dataset["summary"]["reused"] else "",
+        " (reused)" if summary["reused"] else "",
         dataset["rows"],
         dataset["quarantine"]["rows"],
+        summary.get("records_decoded", "-"),
+        summary.get("records_reused", "-"),
     )
     return dataset
 
@@ -130,9 +135,13 @@ def _user_errors_fail_in_one_line(function):
 
 @flow(name="chorus-ingest")
 @_user_errors_fail_in_one_line
-def ingest_flow(manifest_uri: str, config: ChorusConfig) -> dict[str, Any]:
-    """Manifest -> a published dataset version (reused when its content is unchanged)."""
-    dataset = ingest_task(manifest_uri, config)
+def ingest_flow(
+    manifest_uri: str, config: ChorusConfig, incremental: bool = False
+) -> dict[str, Any]:
+    """Manifest (or a glob of them) -> a published dataset version, reused when its content
+    is unchanged; ``incremental`` decodes only the records new or changed since the latest
+    version of the same input."""
+    dataset = ingest_task(manifest_uri, config, incremental)
     links = {dataset["id"]: _dataset_uri(config, dataset["id"])}
     _artefacts({"dataset": dataset["id"]}, [_dataset_row(dataset)], links)
     return dataset
@@ -141,13 +150,16 @@ def ingest_flow(manifest_uri: str, config: ChorusConfig) -> dict[str, Any]:
 @flow(name="chorus-train")
 @_user_errors_fail_in_one_line
 def train_flow(
-    source: str, config: ChorusConfig, objectives: dict[str, dict] | None = None
+    source: str,
+    config: ChorusConfig,
+    objectives: dict[str, dict] | None = None,
+    incremental: bool = False,
 ) -> dict[str, Any]:
     """Train one model per objective on ``source``: a dataset id, or a manifest to ingest
     first (an unchanged input reuses its dataset version)."""
     check_objectives(config)
     is_dataset = source.startswith("ds-") and not any(c in source for c in "/.")
-    dataset_id = source if is_dataset else ingest_task(source, config)["id"]
+    dataset_id = source if is_dataset else ingest_task(source, config, incremental)["id"]
     runs = {
         name: train_task(dataset_id, name, options, config)
         for name, options in _objectives(config, objectives).items()
@@ -172,7 +184,10 @@ def evaluate_flow(checkpoint: str, dataset_id: str, config: ChorusConfig) -> dic
 @flow(name="chorus-end-to-end")
 @_user_errors_fail_in_one_line
 def end_to_end(
-    manifest_uri: str, config: ChorusConfig, objectives: dict[str, dict] | None = None
+    manifest_uri: str,
+    config: ChorusConfig,
+    objectives: dict[str, dict] | None = None,
+    incremental: bool = False,
 ) -> dict[str, Any]:
     """Ingest -> train one model per objective -> evaluate each -> record the comparison.
 
@@ -180,7 +195,7 @@ def end_to_end(
     passes ``demo.objectives``.
     """
     check_objectives(config)
-    dataset = ingest_task(manifest_uri, config)
+    dataset = ingest_task(manifest_uri, config, incremental)
     runs, evaluations = {}, {}
     for name, options in _objectives(config, objectives).items():
         runs[name] = train_task(dataset["id"], name, options, config)

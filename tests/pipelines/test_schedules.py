@@ -9,7 +9,10 @@ readably. Stopping ``chorus deploy`` and ``stack.sh down`` must leave no process
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,12 +102,43 @@ def _deployment_id(env: dict[str, str], name: str) -> str:
     return _api(env, "GET", f"/deployments/name/{name}")["id"]
 
 
+def _write_manifest(path: Path, rows: list[dict]) -> None:
+    """Whole or not at all: a scheduled run may list the folder at any moment."""
+    partial = path.with_suffix(".partial")
+    with partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(path)
+
+
+def _dataset_manifests(env: dict[str, str]) -> list[dict]:
+    """Every published dataset manifest in the stack's bucket (a plain S3 client)."""
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    bucket, _, prefix = env["CHORUS_STORE"].removeprefix("s3://").partition("/")
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/datasets/")
+    keys = [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith("/manifest.json")]
+    return [json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys]
+
+
 @pytest.mark.slow
-def test_scheduled_and_manual_runs_on_a_real_server(stack, demo_manifest, tmp_path):
+def test_scheduled_incremental_ingest_and_a_failing_run(stack, demo_manifest, tmp_path):
+    """A scheduled incremental ingest over a glob of drops; a manual run after a new drop
+    decodes only that drop; a deployment with a missing input fails in one line."""
     env = stack
-    bucket_prefix = env["CHORUS_STORE"]
+    drops = tmp_path / "data"
+    shutil.copytree(demo_manifest.parent, drops)
+    with (drops / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[:48]
+    _write_manifest(drops / "drop-1.csv", rows[:40])
+    common = ["ingest.batch_size=32", f"store={env['CHORUS_STORE']}"]
     deployments = tmp_path / "deployments.yaml"
-    common = ["ingest.batch_size=32", f"store={bucket_prefix}"]
     deployments.write_text(
         yaml.safe_dump(
             {
@@ -112,7 +146,8 @@ def test_scheduled_and_manual_runs_on_a_real_server(stack, demo_manifest, tmp_pa
                     {
                         "name": "tiny",
                         "flow": "ingest",
-                        "manifest": str(demo_manifest),
+                        "manifest": str(drops / "drop-*.csv"),
+                        "incremental": True,
                         "interval": 30,
                         "set": common,
                         "config": "debug.yaml",
@@ -141,32 +176,44 @@ def test_scheduled_and_manual_runs_on_a_real_server(stack, demo_manifest, tmp_pa
         env=env,
         cwd=tmp_path,
         start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        tiny = _wait(lambda: _try(_deployment_id, env, "chorus-ingest/tiny"), 90, "the deployment")
-        scheduled = _wait(
-            lambda: [
-                r
-                for r in _runs(env, tiny)
-                if "auto-scheduled" in r["tags"] and r["state_type"] == "COMPLETED"
-            ],
-            180,
-            "a scheduled run to complete",
-            lambda: [(r["state_type"], r["state"]["message"]) for r in _runs(env, tiny)],
-        )
-        assert scheduled[0]["parameters"]["manifest_uri"] == str(demo_manifest)
 
+    def deployment_run(name: str) -> None:
         started = subprocess.run(
-            [BIN / "prefect", "deployment", "run", "chorus-ingest/broken"],
+            [BIN / "prefect", "deployment", "run", name],
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert started.returncode == 0, started.stdout + started.stderr
+
+    def completed(deployment: str, manual: bool) -> list[dict]:
+        return [
+            r
+            for r in _runs(env, deployment)
+            if r["state_type"] == "COMPLETED" and ("auto-scheduled" in r["tags"]) != manual
+        ]
+
+    try:
+        tiny = _wait(lambda: _try(_deployment_id, env, "chorus-ingest/tiny"), 90, "the deployment")
+        scheduled = _wait(
+            lambda: completed(tiny, manual=False),
+            180,
+            "a scheduled run to complete",
+            lambda: [(r["state_type"], r["state"]["message"]) for r in _runs(env, tiny)],
+        )
+        assert scheduled[0]["parameters"]["manifest_uri"] == str(drops / "drop-*.csv")
+        assert scheduled[0]["parameters"]["incremental"] is True
+
+        _write_manifest(drops / "drop-2.csv", rows[40:])
+        deployment_run("chorus-ingest/tiny")
+        _wait(lambda: completed(tiny, manual=True), 180, "the manual run to complete")
+
+        deployment_run("chorus-ingest/broken")
         broken = _deployment_id(env, "chorus-ingest/broken")
         failed = _wait(
             lambda: [r for r in _runs(env, broken) if r["state_type"] in ("FAILED", "CRASHED")],
@@ -174,7 +221,8 @@ def test_scheduled_and_manual_runs_on_a_real_server(stack, demo_manifest, tmp_pa
             "the broken run to fail",
         )[0]
         assert failed["state_type"] == "FAILED"
-        assert failed["state"]["message"].startswith("error: cannot read manifest")
+        assert failed["state"]["message"].startswith("error: ")
+        assert "missing.csv" in failed["state"]["message"]
     finally:
         serving.send_signal(signal.SIGINT)
         try:
@@ -182,23 +230,18 @@ def test_scheduled_and_manual_runs_on_a_real_server(stack, demo_manifest, tmp_pa
         except subprocess.TimeoutExpired:
             os.killpg(serving.pid, signal.SIGKILL)
             raise
-    output = serving.stdout.read()
-    assert "serving chorus-ingest/tiny, chorus-ingest/broken" in output
+    assert "serving chorus-ingest/tiny, chorus-ingest/broken" in serving.stderr.read()
     time.sleep(1)
     assert not _session_alive(serving.pid), "chorus deploy left run processes behind"
-    schedules = _api(env, "GET", f"/deployments/{tiny}")
-    assert not schedules["paused"], "stopping chorus deploy paused the schedule"
+    assert not _api(env, "GET", f"/deployments/{tiny}")["paused"], "stopping paused the schedule"
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
-    bucket, _, prefix = bucket_prefix.removeprefix("s3://").partition("/")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
-    assert any(k.endswith("/manifest.json") and "/datasets/" in k for k in keys), keys
+    versions = {m["id"]: m for m in _dataset_manifests(env)}
+    grown = [m for m in versions.values() if m.get("base")]
+    assert len(versions) == 2 and len(grown) == 1, sorted(versions)
+    assert grown[0]["base"] in versions
+    summary = grown[0]["summary"]
+    assert (summary["records_decoded"], summary["records_reused"]) == (8, 40)
+    assert grown[0]["rows"] == 48
 
 
 def _try(function, *args):
