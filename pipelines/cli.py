@@ -67,7 +67,7 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import console, demo_data, report
-    from pipelines.config import check_objectives, to_dict
+    from pipelines.config import check_objectives
     from pipelines.runtime import configure_prefect_defaults
 
     cfg = _load_config(args)
@@ -80,8 +80,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
         demo_data.generate(folder, size=cfg.demo.size, seed=cfg.demo.seed, progress=True)
     from pipelines.flows import end_to_end
 
-    summary = end_to_end(str(manifest.resolve()), to_dict(cfg))
+    summary = end_to_end(str(manifest.resolve()), cfg, dict(cfg.demo.objectives))
     _emit(args, summary["table"] if args.json else summary, report.render(summary))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines import report
+    from pipelines.runtime import configure_prefect_defaults
+
+    cfg = _load_config(args)
+    configure_prefect_defaults()
+    from pipelines.flows import end_to_end
+
+    objectives = {args.objective: {}} if args.objective else None
+    summary = end_to_end(args.manifest, cfg, objectives)
+    _emit(args, summary["table"] if args.json else summary, report.render(summary))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from pipelines import console, deploy
+
+    if args.file:
+        specs = deploy.from_file(args.file, list(args.overrides))
+    elif args.manifest and args.name:
+        schedule = {"cron": args.cron} if args.cron else {"interval": args.interval}
+        cfg = _load_config(args)
+        specs = [
+            deploy.spec(
+                args.name,
+                args.manifest,
+                cfg,
+                flow=args.flow,
+                incremental=args.incremental,
+                **schedule,
+            )
+        ]
+    else:
+        raise deploy.DeploymentError("chorus deploy needs MANIFEST --name NAME, or --file FILE")
+    server = deploy.require_server()
+    names = ", ".join(s.qualified_name for s in specs)
+    console.note(f"serving {names} on {server} (Ctrl-C stops)")
+    from pipelines.flows import serve
+
+    serve(specs, pause_on_shutdown=args.pause_on_shutdown)
     return 0
 
 
@@ -264,6 +307,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate demo data and run end to end",
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", parents=[conf], help="ingest, train, evaluate and report a manifest")
+    p.add_argument("manifest", help="CSV, JSONL or Parquet manifest (path or s3:// URI)")
+    p.add_argument("--objective", help="objective name (default: train.objective)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "deploy",
+        parents=[conf],
+        help="serve scheduled deployments on the Prefect server at PREFECT_API_URL",
+    )
+    p.add_argument("manifest", nargs="?", help="input manifest of the deployment's runs")
+    p.add_argument("--name", help="deployment name: served as chorus-<flow>/NAME")
+    p.add_argument("--flow", default="end_to_end", choices=["end_to_end", "ingest", "train"])
+    schedule = p.add_mutually_exclusive_group()
+    schedule.add_argument("--cron", help="cron schedule, e.g. '0 2 * * *'")
+    schedule.add_argument("--interval", type=float, help="seconds between runs")
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="each run decodes only the records new or changed since the last version",
+    )
+    p.add_argument("--file", help="YAML file of several deployments (see pipelines/deploy.py)")
+    p.add_argument(
+        "--pause-on-shutdown", action="store_true", help="pause the schedules when stopped"
+    )
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("demo-data", help="write the synthetic four-modality demo data set")
     p.add_argument("dir")
