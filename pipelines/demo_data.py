@@ -21,12 +21,14 @@ import colorsys
 import csv
 import io
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
-from tqdm import tqdm
+
+from pipelines import console
 
 LANGUAGES = ("english", "french", "german", "spanish", "italian")
 # Real spellings. The only words shared between languages are cognates naming the same
@@ -226,10 +228,12 @@ def generate(
     for sub in ("images", "audio", "series"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
 
-    rows = [
-        make_record(out_dir, i, seed, languages, classes)
-        for i in tqdm(range(size), desc="demo data", unit="rec", disable=not progress)
-    ]
+    rows = []
+    with console.progress(size, "demo data", unit="rec") if progress else nullcontext() as bar:
+        for i in range(size):
+            rows.append(make_record(out_dir, i, seed, languages, classes))
+            if bar is not None:
+                bar.update()
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
