@@ -9,12 +9,12 @@ KeyboardInterrupt) with an ``errorMessage`` facet when the body raises; the exce
 on. The events are built and sent by the ``openlineage-python`` client
 (:mod:`storage.openlineage_client`, imported only when a job runs: it costs ~0.4 s).
 
-Transport: by default one JSON file per event in the store, ``lineage/events/`` (the event
-log ``chorus lineage`` reads, see :mod:`storage.lineage_graph`). When OpenLineage is
-configured the standard way (``OPENLINEAGE_URL``, ``openlineage.yml``, ``OPENLINEAGE_CONFIG``,
-``OPENLINEAGE__TRANSPORT__*``) the client's own transport is used instead (e.g. Marquez over
-HTTP); ``OPENLINEAGE_DISABLED=true`` emits nothing. A transport that fails (a lineage server
-down) logs a warning: lineage never fails the job it describes.
+Transport: one JSON file per event in the store, ``lineage/events/`` (the event log
+``chorus lineage`` reads, see :mod:`storage.lineage_graph`). When OpenLineage is configured
+the standard way (``OPENLINEAGE_URL``, ``openlineage.yml``, ``OPENLINEAGE_CONFIG``,
+``OPENLINEAGE__TRANSPORT__*``) the events also go to the client's own transport (e.g. Marquez
+over HTTP); ``OPENLINEAGE_DISABLED=true`` emits nothing anywhere. A transport that fails (a
+lineage server down) logs a warning: lineage never fails the job it describes.
 """
 
 from __future__ import annotations

@@ -59,27 +59,32 @@ log = logging.getLogger(__name__)
 
 
 class Emitter:
-    """Sends one run's events through the configured transport."""
+    """Sends one run's events to the store's log and to the transport OpenLineage's own
+    configuration names, if any (``chorus lineage`` answers from the store alone)."""
 
     def __init__(self, run: LineageRun):
         self.run = run
         run.run_id = str(generate_new_uuid())
-        self.client = _client(run.root)
+        self.clients = _clients(run.root)
 
     def emit(self, state: str, error: BaseException | None = None) -> None:
-        event = run_event(self.run, RunState(state), error)
-        try:
-            self.client.emit(event)
-        except Exception as exc:  # lineage must never fail the job it describes
-            log.warning("OpenLineage %s event of %s not sent: %s", state, self.run.job, exc)
+        for client in self.clients:  # one event each: a client adds facets to what it sends
+            try:
+                client.emit(run_event(self.run, RunState(state), error))
+            except Exception as exc:  # lineage must never fail the job it describes
+                kind = client.transport.kind
+                log.warning(
+                    "OpenLineage %s event of %s not sent (%s): %s", state, self.run.job, kind, exc
+                )
 
 
-def _client(root: str) -> OpenLineageClient:
-    """The store's event log, unless OpenLineage is configured (or disabled) the standard way."""
-    client = OpenLineageClient(transport=StoreTransport(StoreConfig(root)))
-    if client.transport.kind == StoreTransport.kind and client.config.transport:
-        return OpenLineageClient()  # openlineage.yml / OPENLINEAGE_* pick the transport
-    return client
+def _clients(root: str) -> list[OpenLineageClient]:
+    """The store's log, and the client configured the standard way (``openlineage.yml``,
+    ``OPENLINEAGE_URL``, ``OPENLINEAGE__TRANSPORT__*``); none when OPENLINEAGE_DISABLED."""
+    store = OpenLineageClient(transport=StoreTransport(StoreConfig(root)))
+    if store.transport.kind != StoreTransport.kind:  # the client's NoopTransport: disabled
+        return []
+    return [store, OpenLineageClient()] if store.config.transport else [store]
 
 
 def run_event(run: LineageRun, state: RunState, error: BaseException | None = None) -> RunEvent:
