@@ -52,6 +52,7 @@ IO_RETRIES = {
 def _produced_here():
     """Lineage records written inside name this flow run and task run."""
     with producing(
+        prefect_flow=runtime.flow_run.flow_name or None,
         prefect_flow_run=str(runtime.flow_run.id) if runtime.flow_run.id else None,
         prefect_task_run=str(runtime.task_run.id) if runtime.task_run.id else None,
     ):
