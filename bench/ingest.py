@@ -1,6 +1,7 @@
 """Benchmark the Ray Data ingest against a single-process loop doing the same work.
 
     .venv/bin/python bench/ingest.py [--size N] [--seed S] [--cpus C] [--json]
+    .venv/bin/python bench/ingest.py --incremental [--size N] [--growth G] [--cpus C] [--json]
 
 On the four-modality demo data (generated once into ``.chorus/bench-data/size<N>-seed<S>``)
 and the ``demo`` config, four runs, each in its own subprocess with a fresh temporary store:
@@ -26,6 +27,12 @@ raylet's unlinked /dev/shm/plasma file, where Ray Data keeps its blocks) and the
 ``smaps_rollup`` would cost ~60 ms for a Ray tree, a quarter of a core at 5 Hz: left out).
 Timings swing on a shared machine: compare ratios within one run, and ``cpu_s`` (summed
 over the tree).
+
+``--incremental``: one Ray subprocess (start-up timed apart) on the N demo records split into
+two drops matched by one glob, ``grow-1.csv`` (the first N / (1 + G)) and ``grow-2.csv`` (the
+rest, G of the first). It ingests drop 1 alone (the base, not timed), adds drop 2, then
+ingests the grown input in full into a fresh store and ``incremental=True`` over the base,
+and reports both wall times, their ratio and ``records_decoded`` against the delta.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 STAGES = ("fetch", "decode", "preprocess")
 TARGET_SPEEDUP, TARGET_CPU, TARGET_MEMORY = 1.5, 1.25, 1.25
+TARGET_INCREMENTAL = 0.2  # incremental wall time over the full ingest's, input grown 10%
 MB = 1024  # kB
 
 
@@ -190,6 +198,59 @@ def run_case(spec: dict) -> dict:
         return out
 
 
+def run_incremental(spec: dict) -> dict:
+    """Inside the subprocess: the base, then the grown input in full and incrementally."""
+    import csv
+
+    from pipelines.config import load
+    from pipelines.ingest import ingest
+    from pipelines.runtime import ensure_ray
+
+    start = time.perf_counter()
+    ensure_ray(num_cpus=spec["cpus"])
+    import ray.data  # noqa: F401
+
+    out = spec | {"startup_s": round(time.perf_counter() - start, 2)}
+    folder = Path(spec["manifest"]).parent
+    with open(spec["manifest"], newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    base_rows = round(len(rows) / (1 + spec["growth"]))
+    drops = [folder / "grow-1.csv", folder / "grow-2.csv"]
+    drops[1].unlink(missing_ok=True)
+    _write_csv(drops[0], rows[:base_rows])
+    pattern = str(folder / "grow-*.csv")
+    with tempfile.TemporaryDirectory(prefix="chorus-bench-") as store:
+        cfg = load("demo", None, [f"store={store}/a"])
+        base = ingest(pattern, cfg, progress=False)
+        _write_csv(drops[1], rows[base_rows:])
+        runs = {}
+        for name, kwargs in (("full", {}), ("incremental", {"incremental": True})):
+            target = cfg if kwargs else load("demo", None, [f"store={store}/b"])
+            start = time.perf_counter()
+            result = ingest(pattern, target, progress=False, **kwargs)
+            runs[name] = {"seconds": round(time.perf_counter() - start, 2)} | {
+                key: result["summary"][key]
+                for key in ("records_decoded", "records_reused", "records_removed")
+            }
+    out |= {"base_rows": base_rows, "delta": len(rows) - base_rows, "base": base["id"]}
+    ratio = runs["incremental"]["seconds"] / runs["full"]["seconds"]
+    out |= {"runs": runs, "ratio": round(ratio, 3)}
+    out["target_met"] = (
+        out["ratio"] <= TARGET_INCREMENTAL
+        and runs["incremental"]["records_decoded"] == out["delta"]
+    )
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def spawn(spec: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray: our tree
     cmd = [sys.executable, __file__, "--case", json.dumps(spec)]
@@ -257,16 +318,42 @@ def table(summary: dict, runs: dict) -> str:
     return "\n".join(lines)
 
 
+def incremental_table(r: dict) -> str:
+    full, inc = r["runs"]["full"], r["runs"]["incremental"]
+    return "\n".join(
+        [
+            f"base {r['base_rows']} records, grown by {r['delta']} ({r['growth']:.0%})",
+            f"full ingest of the grown input  {full['seconds']:>7.2f} s  "
+            f"decoded {full['records_decoded']}",
+            f"incremental over the base       {inc['seconds']:>7.2f} s  "
+            f"decoded {inc['records_decoded']}, reused {inc['records_reused']}",
+            f"incremental / full: {r['ratio']} (target <= {TARGET_INCREMENTAL}, decoded == delta:"
+            f" {'met' if r['target_met'] else 'MISSED'}); Ray start-up {r['startup_s']} s, "
+            "not timed",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=2000, help="records N (memory also at 4N)")
     p.add_argument("--seed", type=int, default=0, help="demo data seed")
     p.add_argument("--cpus", type=int, default=2, help="CPUs given to Ray")
     p.add_argument("--json", action="store_true", help="JSON on stdout (the table to stderr)")
+    p.add_argument("--incremental", action="store_true", help="time a re-ingest of a grown input")
+    p.add_argument("--growth", type=float, default=0.1, help="--incremental: the input's growth")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+        spec = json.loads(args.case)
+        run = run_incremental if spec["mode"] == "incremental" else run_case
+        print(json.dumps(run(spec)))
+        return 0
+    if args.incremental:
+        manifest = demo_manifest(args.size, args.seed)
+        spec = {"mode": "incremental", "size": args.size, "manifest": manifest}
+        result = spawn(spec | {"cpus": args.cpus, "growth": args.growth})
+        print(json.dumps(result, indent=2) if args.json else incremental_table(result))
         return 0
     sizes = {"n": args.size, "4n": 4 * args.size}
     manifests = {key: demo_manifest(n, args.seed) for key, n in sizes.items()}

@@ -319,7 +319,10 @@ def _decode(job: _Job, decoder: dict[str, Any], progress: bool, inline: bool) ->
     size = job.cfg.ingest.rows_per_shard
     blocks = input_blocks(job.table, job.identity, size, select=select, first=first)
     workers = job.cfg.ingest.workers
-    rows = _inline(blocks, decoder) if inline else _on_ray(blocks, decoder, workers)
+    # An incremental delta of one block (a typical drop) is decoded here: a pool of one actor
+    # would decode it no faster, after starting a worker (4-5 s on 2 CPUs, BENCHMARKS.md).
+    here = inline or (job.plan is not None and len(blocks) == 1)
+    rows = _inline(blocks, decoder) if here else _on_ray(blocks, decoder, workers)
     files = []
     total = sum(len(block) for block in blocks)
     bar = console.progress(total, "ingest", "records") if progress else None
