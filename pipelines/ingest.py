@@ -217,7 +217,9 @@ def ingest(
     """
     cfg.data.require_columns()
     if base is not None and not incremental:
-        raise IncrementalError(f"base={base!r} is only used by an incremental ingest")
+        raise IncrementalError(
+            f"base {base!r} is only used by an incremental ingest: add --incremental"
+        )
     started = time.perf_counter()
     columns = {name: spec.model_dump() for name, spec in cfg.data.columns.items()}
     table, read = read_input(manifest_uri, columns)
