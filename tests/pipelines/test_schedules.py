@@ -94,7 +94,7 @@ def _wait(predicate, seconds: float, what: str, explain=lambda: ""):
     while time.monotonic() < deadline:
         if result := predicate():
             return result
-        time.sleep(2)
+        time.sleep(1)
     raise AssertionError(f"timed out after {seconds} s waiting for {what}: {explain()}")
 
 
@@ -231,8 +231,7 @@ def test_scheduled_incremental_ingest_and_a_failing_run(stack, demo_manifest, tm
             os.killpg(serving.pid, signal.SIGKILL)
             raise
     assert "serving chorus-ingest/tiny, chorus-ingest/broken" in serving.stderr.read()
-    time.sleep(1)
-    assert not _session_alive(serving.pid), "chorus deploy left run processes behind"
+    _wait(lambda: not _session_alive(serving.pid), 30, "chorus deploy's run processes to end")
     assert not _api(env, "GET", f"/deployments/{tiny}")["paused"], "stopping paused the schedule"
 
     versions = {m["id"]: m for m in _dataset_manifests(env)}
@@ -292,5 +291,4 @@ def test_prefect_yaml_deployments_run_on_a_process_worker(stack, demo_manifest, 
     finally:
         worker.send_signal(signal.SIGINT)
         worker.wait(timeout=60)
-    time.sleep(1)
-    assert not _session_alive(worker.pid), "the worker left run processes behind"
+    _wait(lambda: not _session_alive(worker.pid), 30, "the worker's run processes to end")
