@@ -42,6 +42,11 @@ def _config_options(
         help="override one field, e.g. --set train.epochs=5 (repeatable)",
     )
     group.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
+    parent.add_argument(
+        "--force",
+        action="store_true",
+        help="redo the work even when the store holds an artefact made the same way",
+    )
     parent.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     return parent
 
