@@ -4,14 +4,20 @@ Every COMPLETE event in ``lineage/events/`` (see :mod:`storage.lineage_events`) 
 from each of its inputs to each of its outputs. A node is a dataset of those events, keyed
 by its content id (the ``version`` facet: ``ds-...``, a run name, ``ev-...``, ``em-...``,
 ``rp-...``, ``sha256:...`` for an input manifest); an input named only by its URI (a
-checkpoint folder) is the node whose output had that URI. The graph is rebuilt from the log
-on every query, so it is the store's own story on any machine that can read the store; the
-only index is a local cache of what each (immutable) event said. The log is read as plain
-JSON: no OpenLineage client needed.
+checkpoint folder) is the node some job output at that URI (the newest before it, else the
+first one after it). The log is read as plain JSON: no OpenLineage client needed.
+
+The graph is the store's own story on any machine that can read the store; the only index
+is a snapshot on this machine (:func:`cache_path`), which can always be rebuilt from the log.
+Event names start with their UTC time and end with their type (``<time>-<run>-<TYPE>.json``),
+so the snapshot records the newest event it applied and a query lists only the names after
+it (S3 ``StartAfter``), less :data:`SETTLE_S` for events that land late, and reads only the
+COMPLETE ones it has not applied: a warm query costs one short listing, not the whole log.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import json
@@ -19,7 +25,7 @@ import os
 import posixpath
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,12 @@ from storage.errors import UserError
 from storage.lineage_events import EVENTS
 
 READERS = 16  # event files read at once (an S3 GET each)
+COMPLETE = "-COMPLETE.json"
+# An event appears in the log at most this long after its eventTime (a writer's retries,
+# its clock running behind): a warm query lists this much of the log it has already seen.
+SETTLE_S = 600
+STAMP = "%Y%m%dT%H%M%S.%fZ"  # how event names begin (storage.openlineage_client)
+SNAPSHOT_FORMAT = 2
 
 
 class LineageNotFound(UserError, LookupError):
@@ -59,9 +71,8 @@ class Graph:
         if reference in self.nodes:
             return self.nodes[reference]
         uri = reference if uris.is_remote(reference) else uris.normalise(reference)
-        for node in self.nodes.values():
-            if node.uri == uri:
-                return node
+        if uri in self._by_uri:
+            return self._by_uri[uri]
         raise LineageNotFound(
             f"no lineage of {reference!r} in {self.root} (no job's event names it): pass an "
             "artefact id from `chorus artefacts list`"
@@ -73,10 +84,7 @@ class Graph:
         if depth is not None and depth < 0:
             raise BadDepth(f"--depth {depth}: give 0 or more steps")
         start = self.find(reference).id
-        step: dict[str, list[str]] = {}
-        for source, target in sorted(self.edges):
-            frm, to = (source, target) if down else (target, source)
-            step.setdefault(frm, []).append(to)
+        step = self._steps[1 if down else 0]
         seen, edges = {start: 0}, set()
         queue = deque([start])
         while queue:
@@ -89,6 +97,20 @@ class Graph:
                     seen[following] = seen[current] + 1
                     queue.append(following)
         return Lineage(start, [self.nodes[i] for i in seen], sorted(edges), down)
+
+    @functools.cached_property
+    def _steps(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """(output -> its inputs, input -> its outputs), each in a stable order."""
+        up: dict[str, list[str]] = {}
+        down: dict[str, list[str]] = {}
+        for source, target in sorted(self.edges):
+            up.setdefault(target, []).append(source)
+            down.setdefault(source, []).append(target)
+        return up, down
+
+    @functools.cached_property
+    def _by_uri(self) -> dict[str, Node]:
+        return {node.uri: node for node in reversed(self.nodes.values())}  # the first wins
 
 
 @dataclass(frozen=True)
@@ -145,31 +167,118 @@ def _label(node: Node, again: bool = False) -> str:
     return f"{node.id}  {node.kind}  " + ("(see above)" if again else node.name)
 
 
-# What one event says, as the graph needs it: ([input], [output]), each [uri, version, kind].
-Summary = list[list[list[str | None]]]
+# One dataset of an event, as the graph needs it: (uri, version, kind).
+Dataset = tuple[str, str | None, str]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one COMPLETE event says."""
+
+    inputs: list[Dataset]
+    outputs: list[Dataset]
+
+
+@dataclass
+class Snapshot:
+    """The graph of the log's COMPLETE events up to ``last``, kept between queries."""
+
+    root: str  # the store's
+    last: str = ""  # the newest event name applied
+    recent: set[str] = field(default_factory=set)  # the names applied after :attr:`start`
+    nodes: dict[str, Node] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # URI -> id of its newest output
+    edges: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def start(self) -> str:
+        """Names after this one may be new: :data:`SETTLE_S` before the newest applied."""
+        if not self.last:
+            return ""
+        newest = dt.datetime.strptime(self.last.partition("-")[0], STAMP)
+        return (newest - dt.timedelta(seconds=SETTLE_S)).strftime(STAMP)
+
+    def apply(self, names: list[str], summaries: list[Summary]) -> None:
+        """Add events (in name order) to the graph; an input is resolved as of its event."""
+        for summary in summaries:
+            sources = [self._input(dataset) for dataset in summary.inputs]
+            made = [self._output(dataset) for dataset in summary.outputs]
+            self.edges |= {(i, o) for i in sources for o in made if i != o}
+        self.last = max(self.last, *names)
+        start = self.start
+        self.recent = {name for name in (*self.recent, *names) if name > start}
+
+    def graph(self) -> Graph:
+        return Graph(self.root, dict(self.nodes), frozenset(self.edges))
+
+    def _input(self, dataset: Dataset) -> str:
+        uri, version, kind = dataset
+        if version is None and uri in self.outputs:
+            return self.outputs[uri]
+        node = Node(version or uri, kind, _short_name(self.root, uri), uri)
+        self.nodes.setdefault(node.id, node)
+        return node.id
+
+    def _output(self, dataset: Dataset) -> str:
+        uri, version, kind = dataset
+        if version is None and uri in self.outputs:
+            return self.outputs[uri]
+        node = Node(version or uri, kind, _short_name(self.root, uri), uri)
+        if uri not in self.outputs and uri in self.nodes and node.id != uri:
+            self._resolve(uri, node.id)
+        self.nodes[node.id] = node
+        self.outputs[uri] = node.id
+        return node.id
+
+    def _resolve(self, placeholder: str, node_id: str) -> None:
+        """Inputs named by a URI before anything was output there (an event that landed
+        late) are that output: the graph does not depend on the order events arrive in."""
+        del self.nodes[placeholder]
+        self.edges = {
+            (node_id if source == placeholder else source, target)
+            for source, target in self.edges
+            if (source, target) != (placeholder, node_id)
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "root": self.root,
+            "last": self.last,
+            "recent": sorted(self.recent),
+            "nodes": [[node.id, node.kind, node.uri] for node in self.nodes.values()],
+            "outputs": self.outputs,
+            "edges": list(self.edges),
+        }
+
+    @classmethod
+    def from_json(cls, root: str, payload: dict[str, Any]) -> Snapshot:
+        if payload["format"] != SNAPSHOT_FORMAT or payload["root"] != root:
+            raise ValueError("a snapshot of another format or store")
+        nodes = {i: Node(i, kind, _short_name(root, uri), uri) for i, kind, uri in payload["nodes"]}
+        edges = {(source, target) for source, target in payload["edges"]}
+        return cls(root, payload["last"], set(payload["recent"]), nodes, payload["outputs"], edges)
 
 
 def load(store_root: str) -> Graph:
     """The graph of every COMPLETE event in the store at ``store_root``.
 
-    Events are immutable and uniquely named, so what each one says is cached on this machine
-    (see :func:`cache_path`) by its file name: a query lists the log and reads only the
-    events it has not seen. Deleting the cache costs one full read, nothing else.
+    Starts from this machine's snapshot (:func:`cache_path`), lists the log after it and
+    applies the COMPLETE events it has not seen. A snapshot whose newest event is no longer
+    in the log (the store was removed or replaced) is rebuilt, as is a missing or unreadable
+    one: deleting it costs one full read of the log, nothing else.
     """
-    folder = uris.join(store_root, *EVENTS)
-    names = [i.base_name for i in fs.list_files(folder) if i.base_name.endswith("-COMPLETE.json")]
     cache = cache_path(store_root)
-    known = _read_cache(cache)
-    missing = [name for name in names if name not in known]
-    if missing:
-        read = functools.partial(_summary_of, folder)
-        if uris.is_remote(store_root):  # one GET each: overlap their latency
-            with ThreadPoolExecutor(READERS) as pool:
-                known.update(zip(missing, pool.map(read, missing), strict=True))
-        else:
-            known.update((name, read(name)) for name in missing)
-        _write_cache(cache, {name: known[name] for name in names})
-    return _graph(store_root, [known[name] for name in names])
+    snapshot = _read_snapshot(cache, store_root)
+    names = _names_after(store_root, snapshot.start)
+    if snapshot.last and snapshot.last not in names:
+        snapshot = Snapshot(store_root)
+        names = _names_after(store_root, "")
+    new = [name for name in names if name.endswith(COMPLETE) and name not in snapshot.recent]
+    if new:
+        snapshot.apply(new, _summaries(store_root, new))
+        _write_snapshot(cache, snapshot)
+    return snapshot.graph()
 
 
 def cache_path(store_root: str) -> Path:
@@ -179,63 +288,69 @@ def cache_path(store_root: str) -> Path:
     return Path(base, f"lineage-{digest}.json")
 
 
-def _read_cache(path: Path) -> dict[str, Summary]:
+def _read_snapshot(path: Path, store_root: str) -> Snapshot:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: rebuilt from the store
-        return {}
+        return Snapshot.from_json(store_root, json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: rebuilt
+        return Snapshot(store_root)
 
 
-def _write_cache(path: Path, summaries: dict[str, Summary]) -> None:
-    """Atomically (a concurrent query reads the old or the new cache, never half of one)."""
+def _write_snapshot(path: Path, snapshot: Snapshot) -> None:
+    """Atomically (a concurrent query reads the old or the new snapshot, never half of one)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_text(json.dumps(summaries))
+        temp.write_text(json.dumps(snapshot.to_json()))
         os.replace(temp, path)
     except OSError:  # a read-only home: queries still work, uncached
         pass
 
 
+def _names_after(store_root: str, after: str) -> list[str]:
+    """The log's file names after ``after``, in order (= time order)."""
+    folder = uris.join(store_root, *EVENTS)
+    if uris.is_remote(folder):
+        return _s3_names_after(folder, after)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if name > after)
+
+
+def _s3_names_after(folder: str, after: str) -> list[str]:
+    """One LIST request per 1,000 names, from ``after`` on (pyarrow has no ``StartAfter``)."""
+    from storage.publish import s3_client
+
+    bucket, _, key = folder.removeprefix("s3://").partition("/")
+    prefix = f"{key}/"
+    pages = s3_client().get_paginator("list_objects_v2")
+    listing = pages.paginate(Bucket=bucket, Prefix=prefix, StartAfter=prefix + after)
+    return [item["Key"][len(prefix) :] for page in listing for item in page.get("Contents", [])]
+
+
+def _summaries(store_root: str, names: list[str]) -> list[Summary]:
+    read = functools.partial(_summary_of, uris.join(store_root, *EVENTS))
+    if uris.is_remote(store_root):  # one GET each: overlap their latency
+        with ThreadPoolExecutor(READERS) as pool:
+            return list(pool.map(read, names))
+    return [read(name) for name in names]
+
+
 def _summary_of(folder: str, name: str) -> Summary:
     event = fs.read_json(uris.join(folder, name))
-    return [
+    return Summary(
         [_dataset(d) for d in event.get("inputs") or []],
         [_dataset(d) for d in event.get("outputs") or []],
-    ]
+    )
 
 
-def _dataset(dataset: dict[str, Any]) -> list[str | None]:
+def _dataset(dataset: dict[str, Any]) -> Dataset:
     namespace, name = dataset["namespace"], dataset["name"]
     uri = name if namespace == "file" else f"{namespace.rstrip('/')}/{name.lstrip('/')}"
     facets = dataset.get("facets") or {}
     version = (facets.get("version") or {}).get("datasetVersion")
-    return [uri, version, (facets.get("datasetType") or {}).get("subType") or "file"]
-
-
-def _graph(store_root: str, summaries: list[Summary]) -> Graph:
-    """Outputs first: an input known only by its URI is the node some job output there."""
-    by_uri: dict[str, Node] = {}
-    for _, outputs in summaries:  # in time order: a URI published again is its newest node
-        for dataset in outputs:
-            node = _node(store_root, dataset, by_uri)
-            by_uri[node.uri] = node
-    nodes = {node.id: node for node in by_uri.values()}
-    edges = set()
-    for inputs, outputs in summaries:
-        sources = [_node(store_root, d, by_uri) for d in inputs]
-        made = [_node(store_root, d, by_uri) for d in outputs]
-        for node in sources:
-            nodes.setdefault(node.id, node)
-        edges |= {(i.id, o.id) for i in sources for o in made if i.id != o.id}
-    return Graph(store_root, nodes, frozenset(edges))
-
-
-def _node(store_root: str, dataset: list[str | None], by_uri: dict[str, Node]) -> Node:
-    uri, version, kind = dataset
-    if version is None and uri in by_uri:
-        return by_uri[uri]
-    return Node(version or uri, kind, _short_name(store_root, uri), uri)
+    return uri, version, (facets.get("datasetType") or {}).get("subType") or "file"
 
 
 def _short_name(store_root: str, uri: str) -> str:
