@@ -1,28 +1,69 @@
 """The artefact store: one root (local folder or ``s3://`` prefix) with a fixed layout.
 
-    <root>/datasets/<dataset-id>/{shards/, quarantine/, manifest.json}
-    <root>/runs/<run-name>/...           Ray Train checkpoints + metrics
-    <root>/evaluations/<eval-id>/metrics.json
-    <root>/embeddings/<embedding-id>/embeddings.parquet   id + one column per modality
-    <root>/reports/<report-id>/{summary.json, report.md}   one end-to-end run
-    <root>/lineage/<kind>/<artefact-id>.json
+    <root>/datasets/<ds-id>/{shards/, quarantine/, records/, assets/, manifest.json}
+    <root>/runs/<run-id>/...                 checkpoints + metrics, artefact.json
+    <root>/evaluations/<ev-id>/...           metrics.json, artefact.json
+    <root>/embeddings/<em-id>/...            embeddings.parquet, artefact.json
+    <root>/reports/<rp-id>/...               summary.json, report.md, artefact.json
+    <root>/lineage/<kind>/<id>.json          the artefact's record (LineageRecord)
+    <root>/index/<kind>/<created>~<id>~<name>  empty: what ``ls`` reads, in one listing
+    <root>/recipes/<recipe-key>.json         {"id", "kind"}: the artefact that recipe made
+    <root>/names/<name>/<alias>/...          NAME@ALIAS pointers (storage.names)
+    <root>/staging/<attempt>/...             attempts in progress (storage.publish)
 
-Every artefact gets a lineage record; listing the store means listing lineage records.
+The protocol every stage follows (two hashes: the content id says what an artefact *is*,
+the recipe key how it was *made*)::
+
+    recipe = pipelines.recipes.recipe("train", parameters, inputs=(dataset.content_id,))
+    if not force and (record := store.reusable(recipe)):
+        return record                                   # reused: no work
+    staging = store.begin()
+    ... write files under staging.path("...") ...
+    published = store.publish(staging, kind="run", name=..., inputs=[...], config=...,
+                              metrics=..., recipe=recipe)
+
+:meth:`Store.publish` digests the staged files into the content id, names the artefact
+``<prefix>-<content id[:16]>`` (or the id given), writes its record into the staging as
+``artefact.json`` and commits the folder atomically (:mod:`storage.publish`); then it
+indexes it: the record under ``lineage/``, the ``index/`` key, the recipe pointer and
+``NAME@latest``. Indexing is idempotent and repeated by a publisher that lost to an
+identical artefact, so a crash between the commit and the index heals on the next run.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage import fs, uris
+import pyarrow.fs as pafs
+
+from storage import fs, names, publish, uris
 from storage.errors import StoreNotFound, UserError
-from storage.lineage import LineageRecord
+from storage.lineage import LineageRecord, digest_of
+from storage.publish import GRACE_S
 
 DEFAULT_STORE = ".chorus/store"
 KINDS = ("dataset", "run", "evaluation", "embedding", "report")
+FOLDERS = {
+    "dataset": "datasets",
+    "run": "runs",
+    "evaluation": "evaluations",
+    "embedding": "embeddings",
+    "report": "reports",
+}
+PREFIXES = {"dataset": "ds", "run": "run", "evaluation": "ev", "embedding": "em", "report": "rp"}
+RECORD = "artefact.json"  # the record inside a published folder, written last
+# The file whose presence means a folder is published (a dataset's is its manifest).
+COMMITTED = {"dataset": "manifest.json"}
+INDEX, RECIPES, LINEAGE = "index", "recipes", "lineage"
+_SEP = "~"  # in index keys: outside names.IDENTIFIER, so ids and names never hold it
+_STAMP = "%Y%m%dT%H%M%SZ"
 
 
 class ArtefactNotFound(UserError, KeyError):
@@ -36,8 +77,85 @@ class UnknownKind(UserError, ValueError):
     """An artefact kind outside :data:`KINDS`."""
 
 
+class OutsideStore(UserError, ValueError):
+    """A URI that does not name an artefact folder of this store."""
+
+
 def default_store_uri() -> str:
     return os.environ.get("CHORUS_STORE") or DEFAULT_STORE
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise UnknownKind(f"unknown artefact kind {kind!r}; valid: {', '.join(KINDS)}")
+    return kind
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an artefact is made: the stage and its code version (``code``), its canonical
+    parameters, and the content ids of its inputs in the stage's order. Build one with
+    ``pipelines.recipes.recipe(stage, parameters, inputs)``, which computes ``code``."""
+
+    stage: str
+    parameters: Mapping[str, Any]
+    inputs: tuple[str, ...]
+    code: str
+
+    @property
+    def key(self) -> str:
+        return "rk-" + digest_of(self.stage, self.code, dict(self.parameters), list(self.inputs))
+
+
+@dataclass(frozen=True)
+class Published:
+    """What :meth:`Store.publish` returns: the record now published, and whether this call
+    published it (False: an identical artefact, or one with the id given, was there)."""
+
+    record: LineageRecord
+    won: bool
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One artefact as ``ls`` lists it, read from its index key alone."""
+
+    kind: str
+    id: str
+    name: str
+    created_at: str
+    uri: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "kind": self.kind, "name": self.name,
+                "created_at": self.created_at, "uri": self.uri}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file of an artefact: its path inside the folder, sha256 and size."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+def content_id(kind: str, files: Iterable[tuple[str, str]]) -> str:
+    """The content id: sha256 over the kind and the sorted (relative path, sha256) pairs."""
+    listing = json.dumps([kind, sorted([path, digest] for path, digest in files)])
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def staged_files(staging: publish.Staging) -> list[StagedFile]:
+    """Every file staged so far (the record excepted), with its sha256."""
+    base = fs.filesystem(staging.uri)[1]
+    found = []
+    for info in fs.list_files(staging.uri):
+        relative = info.path[len(base) :].lstrip("/")
+        if relative != RECORD:
+            digest = fs.sha256(fs.to_uri(staging.uri, info.path))
+            found.append(StagedFile(relative, digest, info.size))
+    return found
 
 
 @dataclass(frozen=True)
@@ -65,55 +183,319 @@ class Store:
     def uri(self, *parts: str) -> str:
         return uris.join(self.root, *parts)
 
+    def artefact_uri(self, kind: str, artefact_id: str) -> str:
+        """``<root>/<kind's folder>/<id>`` (the id checked: it cannot leave the root)."""
+        return self.uri(FOLDERS[check_kind(kind)], names.check(artefact_id, "id"))
+
     def dataset_uri(self, dataset_id: str) -> str:
-        return self.uri("datasets", dataset_id)
+        return self.artefact_uri("dataset", dataset_id)
 
     def run_uri(self, run_name: str) -> str:
-        return self.uri("runs", run_name)
+        return self.artefact_uri("run", run_name)
 
     def evaluation_uri(self, eval_id: str) -> str:
-        return self.uri("evaluations", eval_id)
+        return self.artefact_uri("evaluation", eval_id)
+
+    # -- the publish protocol ------------------------------------------------------------
+
+    def begin(self) -> publish.Staging:
+        """A fresh private staging folder; write the artefact's files under ``path(...)``."""
+        return publish.begin(self.root)
+
+    def publish(
+        self,
+        staging: publish.Staging,
+        *,
+        kind: str,
+        name: str,
+        inputs: Sequence[LineageRecord | Mapping[str, Any]],
+        config: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        recipe: Recipe | None,
+        id: str | None = None,  # noqa: A002 (the record's field)
+    ) -> Published:
+        """Commit what ``staging`` holds as one artefact and index it (module docstring).
+
+        ``inputs``: the records read (or ``{"id", "kind", "uri"}`` of other inputs, e.g. a
+        manifest). An artefact already at the target (identical content, or the ``id``
+        given) is kept: ``won=False`` with its record, and the staging is removed.
+        """
+        check_kind(kind)
+        files = staged_files(staging)
+        content = content_id(kind, [(f.path, f.sha256) for f in files])
+        artefact_id = names.check(id or f"{PREFIXES[kind]}-{content[:16]}", "id")
+        target = self.artefact_uri(kind, artefact_id)
+        record = LineageRecord(
+            id=artefact_id,
+            kind=kind,
+            uri=target,
+            name=names.check(name, "name"),
+            content_id=content,
+            recipe_key=recipe.key if recipe else "",
+            stage_code=recipe.code if recipe else "",
+            config_digest=digest_of(dict(config)),
+            size=sum(f.size for f in files),
+            files=len(files),
+            inputs=[input_entry(i) for i in inputs],
+            config=dict(config),
+            metrics=dict(metrics),
+        )
+        body = json.dumps(record.to_json(), indent=2, sort_keys=True, default=str).encode()
+        try:
+            commit = publish.publish(staging, target, RECORD, body)
+        except BaseException:
+            publish.remove(staging)
+            raise
+        kept = record if commit.won else LineageRecord.from_json(json.loads(commit.record))
+        self.index(kept)
+        return Published(kept, commit.won)
+
+    def index(self, record: LineageRecord) -> None:
+        """Make a published artefact findable: its record, index key, recipe pointer and
+        ``NAME@latest`` (moved only if it points elsewhere). Safe to repeat."""
+        self.record(record)
+        if record.recipe_key:
+            pointer = {"id": record.id, "kind": record.kind}
+            key = names.check(record.recipe_key, "recipe key")
+            fs.write_json(self.uri(RECIPES, f"{key}.json"), pointer)
+        if record.name:
+            latest = names.current(self.root, record.name, names.LATEST)
+            if latest is None or latest.id != record.id:
+                names.move(self.root, record.name, names.LATEST, record.id)
+
+    def reusable(self, recipe: Recipe) -> LineageRecord | None:
+        """The published artefact ``recipe`` made, if its record and files are there."""
+        try:
+            pointer = fs.read_json(self.uri(RECIPES, f"{recipe.key}.json"))
+        except FileNotFoundError:
+            return None
+        record = self._find(pointer["id"], pointer["kind"])
+        if record is None or not fs.exists(uris.join(record.uri, committed_file(record.kind))):
+            return None
+        return record
+
+    def resolve(self, reference: str, kind: str | None = None) -> LineageRecord:
+        """The record ``reference`` names: an id, ``NAME@ALIAS``, a bare NAME (its
+        ``@latest``), or the URI of an artefact folder (or of a file inside one) here."""
+        if kind is not None:
+            check_kind(kind)
+        if "@" in reference:
+            record = self._by_alias(*names.parse(reference))
+        elif _is_location(reference):
+            found_kind, artefact_id = self._locate(reference)
+            record = self._find(artefact_id, found_kind)
+        else:
+            names.check(reference, "id or name")
+            record = self._find(reference, kind) or self._by_alias(reference, names.LATEST, True)
+        if record is None:
+            raise ArtefactNotFound(
+                f"no artefact {reference!r} in {self.root} (see `chorus artefacts ls`)"
+            )
+        if kind is not None and record.kind != kind:
+            raise ArtefactNotFound(f"{reference!r} is of kind {record.kind}, not {kind}")
+        return record
+
+    def _by_alias(self, name: str, alias: str, quiet: bool = False) -> LineageRecord | None:
+        move = names.current(self.root, name, alias)
+        if move is None:
+            if quiet:
+                return None
+            raise ArtefactNotFound(
+                f"no {name}@{alias} in {self.root} (see `chorus artefacts ls --name {name}`)"
+            )
+        record = self._find(move.id)
+        if record is None:
+            raise ArtefactNotFound(f"{name}@{alias} points at {move.id}, which was removed")
+        return record
+
+    def _locate(self, reference: str) -> tuple[str, str]:
+        """(kind, id) of the artefact folder a URI lies in; OutsideStore if none here."""
+        uri = reference.rstrip("/") if uris.is_remote(reference) else uris.normalise(reference)
+        if uris.is_remote(uri) and ("/../" in f"{uri}/" or "/./" in f"{uri}/"):
+            raise OutsideStore(f"{reference!r}: no '.' or '..' parts in an S3 URI")
+        prefix = self.root.rstrip("/") + "/"
+        parts = uri[len(prefix) :].split("/") if uri.startswith(prefix) else []
+        kinds = {folder: kind for kind, folder in FOLDERS.items()}
+        if len(parts) < 2 or parts[0] not in kinds:
+            raise OutsideStore(
+                f"{reference!r} is not an artefact folder of the store {self.root} "
+                f"(<store>/{{{','.join(FOLDERS.values())}}}/<id>)"
+            )
+        return kinds[parts[0]], names.check(parts[1], "id")
+
+    def _find(self, artefact_id: str, kind: str | None = None) -> LineageRecord | None:
+        """The record of ``artefact_id``, or None. Every kind is tried: ``kind`` first, then
+        the one its prefix suggests (one GET when either is right)."""
+        names.check(artefact_id, "id")
+        guessed = [k for k, p in PREFIXES.items() if artefact_id.startswith(f"{p}-")]
+        for candidate in dict.fromkeys([*([kind] if kind else []), *guessed, *KINDS]):
+            try:
+                payload = fs.read_json(self.uri(LINEAGE, candidate, f"{artefact_id}.json"))
+            except FileNotFoundError:
+                continue
+            return LineageRecord.from_json(payload)
+        return None
+
+    # -- records, listing, copying, removing -------------------------------------------
 
     def record(self, record: LineageRecord) -> str:
-        """Write ``record`` where ``lineage`` and ``show`` find it; returns its URI."""
-        target = self.uri("lineage", record.kind, f"{record.id}.json")
+        """Write ``record`` where ``resolve``, ``ls`` and ``show`` find it; returns its URI."""
+        check_kind(record.kind)
+        target = self.uri(LINEAGE, record.kind, f"{names.check(record.id, 'id')}.json")
         fs.write_json(target, record.to_json())
+        fs.write_bytes(self._index_key(record), b"")
         return target
 
+    def _index_key(self, record: LineageRecord) -> str:
+        created = dt.datetime.fromisoformat(record.created_at).astimezone(dt.UTC)
+        name = names.check(record.name, "name") if record.name else ""
+        key = _SEP.join([created.strftime(_STAMP), record.id, name])
+        return self.uri(INDEX, record.kind, key)
+
     def lineage(self, artefact_id: str) -> dict[str, Any]:
-        for kind in KINDS:
-            candidate = self.uri("lineage", kind, f"{artefact_id}.json")
-            if fs.exists(candidate):
-                return fs.read_json(candidate)
-        raise ArtefactNotFound(f"no artefact {artefact_id!r} in {self.root}")
+        """The record of ``artefact_id`` as stored (a dict); ArtefactNotFound if none."""
+        record = self._find(artefact_id)
+        if record is None:
+            raise ArtefactNotFound(f"no artefact {artefact_id!r} in {self.root}")
+        return record.to_json()
+
+    def entries(self, kind: str | None = None, name: str | None = None) -> list[Entry]:
+        """Every artefact (of ``kind``, named ``name``), newest first, from one listing."""
+        folder = self.uri(INDEX, check_kind(kind)) if kind else self.uri(INDEX)
+        found = []
+        for info in fs.list_files(folder):
+            entry = self._entry(info.path)
+            if entry is not None and (name is None or entry.name == name):
+                found.append(entry)
+        return sorted(found, key=lambda e: (e.created_at, e.id), reverse=True)
+
+    def _entry(self, path: str) -> Entry | None:
+        kind, key = path.rsplit("/", 2)[-2:]
+        parts = key.split(_SEP)
+        if kind not in FOLDERS or len(parts) != 3:
+            return None  # not an index key (e.g. a folder marker)
+        stamp, artefact_id, name = parts
+        created = dt.datetime.strptime(stamp, _STAMP).replace(tzinfo=dt.UTC)
+        uri = self.uri(FOLDERS[kind], artefact_id)
+        return Entry(kind, artefact_id, name, created.isoformat(timespec="seconds"), uri)
 
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """Lineage records, newest first, optionally of one kind."""
-        if kind is not None and kind not in KINDS:
-            raise UnknownKind(f"unknown artefact kind {kind!r}; valid: {', '.join(KINDS)}")
+        """Whole lineage records, newest first, optionally of one kind (one GET each: use
+        :meth:`entries` to list many)."""
+        if kind is not None:
+            check_kind(kind)
         # One folder per kind: lineage/events/ (the OpenLineage log) holds no records.
         kinds = [kind] if kind else KINDS
-        infos = [i for k in kinds for i in fs.list_files(self.uri("lineage", k))]
+        infos = [i for k in kinds for i in fs.list_files(self.uri(LINEAGE, k))]
         records = [fs.read_json(fs.to_uri(self.root, i.path)) for i in infos]
         return sorted(records, key=lambda r: r["created_at"], reverse=True)
 
-    def download(self, artefact_id: str, destination: str | Path) -> list[Path]:
-        """Copy every file of an artefact to a local folder; returns the files written."""
-        record = self.lineage(artefact_id)
-        source = record["uri"]
-        files = [
-            (fs.to_uri(source, info.path), info.path[len(fs.filesystem(source)[1]) :].lstrip("/"))
-            for info in fs.list_files(source)
-        ]
-        if record["kind"] == "dataset":
-            files += _kept_in_base(source)
-        written = []
-        for uri, relative in files:
-            target = Path(destination, relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(fs.read_bytes(uri))
-            written.append(target)
-        return written
+    def download(self, reference: str, destination: str | Path) -> list[Path]:
+        """Copy every file of an artefact to a local folder; returns the files written. A
+        dataset version also gets the files it keeps in its base's folder."""
+        record = self.resolve(reference)
+        filesystem, base = fs.filesystem(record.uri)
+        local = pafs.LocalFileSystem()
+        destination = Path(destination).resolve()
+        destination.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(base, str(destination), filesystem, local)
+        written = [destination / i.path[len(base) :].lstrip("/") for i in fs.list_files(record.uri)]
+        if record.kind == "dataset":
+            for uri, relative in _kept_in_base(record.uri):
+                target = destination / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(fs.filesystem(uri)[1], str(target), filesystem, local)
+                written.append(target)
+        return sorted(written)
+
+    def dependents(self, record: LineageRecord) -> list[str]:
+        """Ids of the artefacts made from ``record`` (the lineage graph's downstream
+        closure, and for a dataset the versions that keep files in its folder)."""
+        from storage import lineage_graph
+
+        try:
+            closure = lineage_graph.load(self.root).closure(record.id, down=True)
+            below = {node.id for node in closure.nodes if node.id != record.id}
+        except lineage_graph.LineageNotFound:
+            below = set()
+        if record.kind == "dataset":
+            base = {"id": record.id, "role": "base"}
+            below |= {
+                other["id"]
+                for other in self.list("dataset")
+                if any(base.items() <= entry.items() for entry in other["inputs"])
+            }
+        return sorted(below)
+
+    def remove(self, record: LineageRecord) -> None:
+        """Delete an artefact: first what finds it (record, index key, recipe pointer), then
+        its folder; a crash in between leaves a folder without a record, which ``gc`` frees.
+        Name histories are kept (an alias at it then resolves to "removed")."""
+        for uri in (self._index_key(record), self.uri(LINEAGE, record.kind, f"{record.id}.json")):
+            _delete(uri)
+        if record.recipe_key:
+            pointer = self.uri(RECIPES, f"{record.recipe_key}.json")
+            try:
+                if fs.read_json(pointer).get("id") == record.id:
+                    _delete(pointer)
+            except FileNotFoundError:
+                pass
+        publish.delete_tree(self.artefact_uri(record.kind, record.id))
+
+    def collect_garbage(self, grace_s: float = GRACE_S) -> list[str]:
+        """Free abandoned staging attempts and artefact folders without a record, untouched
+        for ``grace_s`` (a writer in progress is never collected); returns what went."""
+        gone = [f"staging/{a}" for a in publish.remove_abandoned(self.root, grace_s)]
+        cutoff = dt.datetime.now(dt.UTC).timestamp() - grace_s
+        for kind, folder in FOLDERS.items():
+            base = fs.filesystem(self.uri(folder))[1]
+            newest: dict[str, float] = {}
+            for info in fs.list_files(self.uri(folder)):
+                artefact = info.path[len(base) :].lstrip("/").split("/", 1)[0]
+                mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+                newest[artefact] = max(newest.get(artefact, 0.0), mtime)
+            for artefact, mtime in sorted(newest.items()):
+                if mtime < cutoff and self._orphan(kind, folder, artefact):
+                    publish.delete_tree(self.uri(folder, artefact))
+                    gone.append(f"{folder}/{artefact}")
+        return gone
+
+    def _orphan(self, kind: str, folder: str, artefact: str) -> bool:
+        """A folder neither recorded nor committed (a committed one is re-indexed by the
+        next publish of it; its record is inside)."""
+        if not names.IDENTIFIER.fullmatch(artefact):
+            return False
+        recorded = fs.exists(self.uri(LINEAGE, kind, f"{artefact}.json"))
+        return not recorded and not fs.exists(self.uri(folder, artefact, committed_file(kind)))
+
+
+def committed_file(kind: str) -> str:
+    """The file whose presence means an artefact folder of ``kind`` is published."""
+    return COMMITTED.get(kind, RECORD)
+
+
+def input_entry(source: LineageRecord | Mapping[str, Any]) -> dict[str, Any]:
+    """A record's ``inputs`` entry: ``{"id", "kind", "uri"}`` (+ ``content_id`` when known)."""
+    if isinstance(source, LineageRecord):
+        entry = {"id": source.id, "kind": source.kind, "uri": source.uri}
+        return entry | ({"content_id": source.content_id} if source.content_id else {})
+    return dict(source)
+
+
+def _is_location(reference: str) -> bool:
+    return (
+        uris.is_remote(reference)
+        or reference.startswith(("/", ".", "~", "file:"))
+        or ("/" in reference or os.sep in reference)
+    )
+
+
+def _delete(uri: str) -> None:
+    filesystem, path = fs.filesystem(uri)
+    try:
+        filesystem.delete_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def _kept_in_base(dataset_uri: str) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -89,11 +89,25 @@ def digest_of(*parts: Any) -> str:
 
 @dataclass(kw_only=True)
 class LineageRecord:
-    """One artefact's provenance. ``inputs`` hold ids or URIs (with digests) of what it read."""
+    """One artefact's provenance and identity.
+
+    ``inputs`` are ``{"id", "kind", "uri"}`` of what it read (``id``: the input's content
+    id). ``content_id`` says what the artefact *is* (a digest of its kind and files),
+    ``recipe_key`` how it was *made* (``storage.artefacts.Recipe``); ``stage_code`` is the
+    producing stage's code version, ``config_digest`` that of ``config``; ``size`` (bytes)
+    and ``files`` count what its folder holds.
+    """
 
     id: str
     kind: str
     uri: str
+    name: str = ""
+    content_id: str = ""
+    recipe_key: str = ""
+    stage_code: str = ""
+    config_digest: str = ""
+    size: int = 0
+    files: int = 0
     inputs: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -108,3 +122,9 @@ class LineageRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> LineageRecord:
+        """A record as stored (fields an older chorus did not write take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in payload.items() if key in known})

@@ -158,15 +158,20 @@ def _existing_record(target: str, record_name: str) -> bytes:
 
 def remove(staging: Staging) -> None:
     """Delete an attempt's staging (nothing happens if it is already gone)."""
-    if uris.is_remote(staging.uri):  # pyarrow's delete_dir would leave a folder marker
+    delete_tree(staging.uri)
+
+
+def delete_tree(uri: str) -> None:
+    """Delete a folder and everything under it (nothing happens if it is already gone)."""
+    if uris.is_remote(uri):  # pyarrow's delete_dir would leave a folder marker
         client = s3_client()
-        bucket, prefix = _bucket_key(staging.uri + "/")
+        bucket, prefix = _bucket_key(uri.rstrip("/") + "/")
         keys = _keys(client, bucket, prefix)
         for begin in range(0, len(keys), 1000):  # the most one request may delete
             objects = [{"Key": key} for key in keys[begin : begin + 1000]]
             client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
         return
-    shutil.rmtree(staging.uri, ignore_errors=True)
+    shutil.rmtree(uri, ignore_errors=True)
 
 
 def abandoned(store_root: str, grace_s: float = GRACE_S) -> list[Staging]:
