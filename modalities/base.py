@@ -26,7 +26,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from modalities import pretrained as references
 
 ERROR_KINDS = (
     "missing_file",  # the URI points at nothing
@@ -60,6 +62,14 @@ class ModalityConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
+
+    @field_validator("pretrained", check_fields=False)
+    @classmethod
+    def _pretrained_is_there(cls, reference: str | None) -> str | None:
+        """A named local folder or package folder must exist (hub ids are checked on load)."""
+        if reference is not None:
+            references.local_folder(reference)
+        return reference
 
     @model_validator(mode="after")
     def _check_tower_fields(self) -> ModalityConfig:

@@ -1,8 +1,10 @@
 """Text: inline manifest cells or ``.txt`` files -> raw text, ``input_ids``, ``attention_mask``.
 
-``tokenizer`` names a ``transformers`` tokenizer (HF id or local path). Two offline defaults
-need no download: ``"wordlevel"`` (a word-level tokenizer fitted on the dataset's texts with
-``tokenizers`` and saved with the dataset) and ``"byte"`` (ByT5's byte-level tokenizer).
+``tokenizer`` names a ``transformers`` tokenizer (an HF id, a local folder or an installed
+package's folder: :mod:`modalities.pretrained`). Two offline defaults need no download:
+``"wordlevel"`` (a word-level tokenizer fitted on the dataset's texts with ``tokenizers`` and
+saved with the dataset) and ``"byte"`` (ByT5's byte-level tokenizer). A pretrained (``hf``)
+tower reads the ids of its own tokenizer: set ``tokenizer`` to the model's folder too.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from modalities import pretrained as references
 from modalities.base import DecodeError, ModalityConfig, Spec
 
 if TYPE_CHECKING:
@@ -21,12 +24,15 @@ PREPROCESSING_VERSION = 1
 
 TOKENIZER_ASSET = "tokenizer.json"
 SPECIALS = ["[PAD]", "[UNK]", "[MISSING]"]
+BUILT_IN_TOKENIZERS = ("wordlevel", "byte")
 
 
 class Config(ModalityConfig):
     kind: Literal["text"] = "text"
     tokenizer: str = Field(
-        "wordlevel", description="'wordlevel', 'byte', or a transformers tokenizer id/path."
+        "wordlevel",
+        description="'wordlevel', 'byte', or a transformers tokenizer: HF id, local folder or "
+        "package:NAME/FOLDER (encoder 'hf': the model's own, e.g. the same as `pretrained`).",
     )
     max_length: int = Field(32, ge=1, description="Tokens per text (padded/truncated).")
     vocab_size: int | None = Field(
@@ -38,16 +44,31 @@ class Config(ModalityConfig):
         "(mean of token embeddings) or 'hf' (load `pretrained`).",
     )
     pretrained: str | None = Field(
-        None, description="hf: HF id or local path (use the same `tokenizer`)."
+        None,
+        description="hf: HF id, local folder or package:NAME/FOLDER (an installed package's "
+        "folder); set `tokenizer` to the same.",
     )
     width: int = Field(64, ge=4, description="Token embedding width / transformer hidden size.")
     depth: int = Field(2, ge=1, description="transformer: layers.")
     heads: int = Field(4, ge=1, description="transformer: attention heads (must divide width).")
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_is_there(cls, tokenizer: str) -> str:
+        if tokenizer not in BUILT_IN_TOKENIZERS:
+            references.local_folder(tokenizer)
+        return tokenizer
+
     @model_validator(mode="after")
     def _check_encoder(self) -> Config:
         if self.encoder == "hf" and self.pretrained is None:
             raise ValueError("encoder 'hf' needs pretrained (an HF id or local path)")
+        # Ids from a vocabulary fitted on this dataset mean nothing to a pretrained model.
+        if self.encoder == "hf" and self.tokenizer == "wordlevel":
+            raise ValueError(
+                "encoder 'hf' reads the ids of the model's own tokenizer: set tokenizer "
+                f"(e.g. to {self.pretrained!r}) and ingest with it"
+            )
         return self
 
 
@@ -99,7 +120,7 @@ def load_tokenizer(cfg: Config, assets: dict[str, str] | None = None, *, raw: bo
 
     if cfg.tokenizer == "byte":
         return ByT5Tokenizer()
-    return AutoTokenizer.from_pretrained(cfg.tokenizer)
+    return AutoTokenizer.from_pretrained(references.resolve(cfg.tokenizer))
 
 
 class Processor:

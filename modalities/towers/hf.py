@@ -1,9 +1,11 @@
 """Shared plumbing for ``transformers`` towers: loading, pooling and the body wrapper.
 
-A modality's ``hf`` encoder either loads ``pretrained`` (an HF id or a local folder written by
-``save_pretrained``) or builds a small model from a config offline, wraps it in
-:class:`HFBody` and puts the usual projection head on top. ``transformers`` is imported here
-only when such a tower is built, so CNN-only runs never pay for it.
+A modality's ``hf`` encoder either loads ``pretrained`` (an HF id, a local folder written by
+``save_pretrained`` or an installed package's folder: :mod:`modalities.pretrained`) or builds a
+small model from a config offline, wraps it in :class:`HFBody` and puts the usual projection
+head on top. A folder loads with ``local_files_only``: never a network call, whatever
+``HF_HUB_OFFLINE`` says. ``transformers`` is imported here only when such a tower is built, so
+CNN-only runs never pay for it.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from modalities import pretrained as references
+
 
 def load_model(pretrained: str | None, make_config: Callable[[], Any], **init: Any) -> nn.Module:
     """``AutoModel`` from ``pretrained`` (id or local path), else from ``make_config()``."""
     from transformers import AutoModel
 
     if pretrained is not None:
-        model = AutoModel.from_pretrained(pretrained, **init)
+        folder = references.local_folder(pretrained)
+        if folder is None:
+            model = AutoModel.from_pretrained(pretrained, **init)
+        else:
+            model = AutoModel.from_pretrained(folder, local_files_only=True, **init)
     else:
         model = AutoModel.from_config(make_config(), **init)
     # Layer drop skips whole layers at random: under DDP their parameters then get no gradient

@@ -73,4 +73,7 @@ def build(cfg: Config, embed_dim: int) -> nn.Module:
             f"the tokenizer has {cfg.vocab_size} ids, the model only {model.config.vocab_size}: "
             "set text.tokenizer to the model's own"
         )
+    positions = getattr(model.config, "max_position_embeddings", cfg.max_length)
+    if cfg.max_length > positions:
+        raise ValueError(f"text.max_length={cfg.max_length} exceeds the model's {positions}")
     return Tower(_Transformer(model), nn.Identity(), mlp_head(hf.hidden_size(model), embed_dim))
