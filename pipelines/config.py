@@ -114,6 +114,17 @@ class ModelConfig(_Section):
         default_factory=list,
         description="Data columns whose towers stay locked (LiT): no gradient, eval mode.",
     )
+    freeze_heads: bool = Field(
+        True,
+        description="Lock the projection heads of the `freeze` towers too; false trains them "
+        "(a pretrained encoder stays fixed, its features learn their way into the shared space).",
+    )
+
+    @model_validator(mode="after")
+    def _heads_of_frozen_towers(self) -> ModelConfig:
+        if not self.freeze_heads and not self.freeze:
+            raise ConfigError("model.freeze_heads", "false does nothing without model.freeze")
+        return self
 
 
 class TrainConfig(_Section):
@@ -271,7 +282,7 @@ def _field_name(loc: tuple) -> str:
     parts = [str(p) for p in loc]
     if (
         parts[:2] == ["data", "columns"]
-        and len(parts) > 4
+        and len(parts) > 3  # 4 parts: a check of the whole column (a model validator)
         and parts[3] in modality_registry.names()
     ):
         del parts[3]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -63,14 +65,39 @@ class PatchTransformer(nn.Module):
 
 
 class Tower(nn.Module):
-    """Feature extractor + projection head; ``prepare`` turns stored columns into a tensor."""
+    """Feature extractor + projection head; ``prepare`` turns stored columns into a tensor.
+
+    A locked tower (LiT, :meth:`lock`) keeps its feature extractor (``prepare`` and ``body``)
+    as loaded: no gradient, eval mode even while the model trains (no dropout, augmentation or
+    BatchNorm updates), and its forward pass without autograd, which also saves the backward
+    pass's memory and time. Its head is locked too unless ``lock(head=False)``.
+    """
 
     def __init__(self, prepare: nn.Module, body: nn.Module, head: nn.Module):
         super().__init__()
         self.prepare, self.body, self.head = prepare, body, head
+        self.locked_body = self.locked_head = False
+
+    def lock(self, head: bool = True) -> Tower:
+        self.locked_body, self.locked_head = True, head
+        for part in self._locked_parts():
+            part.requires_grad_(False)
+        return self.train(self.training)
+
+    def _locked_parts(self) -> list[nn.Module]:
+        parts = [self.prepare, self.body] if self.locked_body else []
+        return parts + [self.head] if self.locked_head else parts
+
+    def train(self, mode: bool = True) -> Tower:
+        super().train(mode and not self.locked_head)  # wholly locked: always at inference
+        for part in self._locked_parts():
+            part.eval()
+        return self
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.body(self.prepare(inputs)))
+        with torch.no_grad() if self.locked_body else contextlib.nullcontext():
+            features = self.body(self.prepare(inputs))
+        return self.head(features)
 
 
 def random_roll(x: torch.Tensor, max_shift: int, dim: int = -1) -> torch.Tensor:

@@ -5,9 +5,11 @@ exactly what every objective takes. Rows where a column is absent get that colum
 "missing" embedding instead of the tower's output (REFERENCES 1.2: placeholder + indicator),
 so objectives see every row and nothing mis-aligns.
 
-``freeze`` locks whole towers (LiT, "locked-image tuning"): their parameters get no gradient
-and they stay in eval mode (no dropout, no augmentation) even while the model trains. Their
-"missing" embeddings, the logit scale/bias and the other towers still learn.
+``freeze`` locks towers (LiT, "locked-image tuning", :meth:`Tower.lock`): their feature
+extractors get no gradient, run without autograd and stay in eval mode (no dropout, no
+augmentation) even while the model trains. ``freeze_heads`` locks their projection heads too
+(the default); ``False`` trains them, e.g. to map a pretrained encoder's features into the
+shared space. Their "missing" embeddings, the logit scale/bias and the other towers still learn.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ChorusModel(nn.Module):
         init_logit_scale: float = 2.6593,
         init_logit_bias: float | None = None,
         freeze: list[str] | tuple[str, ...] = (),
+        freeze_heads: bool = True,
     ):
         super().__init__()
         if unknown := set(freeze) - set(columns):
@@ -61,14 +64,8 @@ class ChorusModel(nn.Module):
             else None
         )
         for name in self.frozen:
-            self.towers[name].requires_grad_(False)
+            self.towers[name].lock(head=freeze_heads)
         self.train()
-
-    def train(self, mode: bool = True) -> ChorusModel:
-        super().train(mode)
-        for name in self.frozen:  # locked towers behave as at inference, always
-            self.towers[name].eval()
-        return self
 
     def input_columns(self, name: str) -> dict[str, str]:
         """Dataset columns (suffix -> column) that tower ``name`` reads."""
