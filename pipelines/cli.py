@@ -363,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset id of the base version (default: the newest ingested from the same "
         "MANIFEST argument with the same data settings)",
     )
+    p.add_argument(
+        "--name",
+        help="the dataset's name, for NAME@latest (default: the manifest's file stem, or a "
+        "glob's folder name)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("train", parents=[conf], help="train on an ingested dataset")

@@ -30,6 +30,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -54,10 +55,11 @@ from pipelines.incremental import (
     rewrite_blocks,
     version_digest,
 )
-from storage import fs, publish, uris
-from storage.artefacts import ArtefactNotFound, Store
+from pipelines.recipes import recipe
+from storage import fs, names, publish, uris
+from storage.artefacts import ArtefactNotFound, Recipe, Store, content_id
 from storage.errors import UserError
-from storage.lineage import LineageRecord, code_version
+from storage.lineage import LineageRecord, code_version, digest_of
 from storage.lineage_events import lineage_run, published_dataset, source_file
 
 MANIFEST = "manifest.json"
@@ -106,6 +108,14 @@ class Source:
         return uris.parent(self.uri)
 
     @property
+    def default_name(self) -> str:
+        """The dataset's name unless ``--name`` says otherwise: the manifest's file stem, or
+        a glob's folder name, with characters a name may not hold replaced by ``-``."""
+        folder, last = uris.parent(self.uri), self.uri.rsplit("/", 1)[-1]
+        stem = folder.rsplit("/", 1)[-1] if _is_glob(last) else last.rsplit(".", 1)[0]
+        return re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:128] or "dataset"
+
+    @property
     def sha256(self) -> str:
         if len(self.files) == 1:
             return self.files[0][1]
@@ -115,6 +125,14 @@ class Source:
     def record(self) -> dict[str, Any]:
         files = [{"uri": uri, "sha256": digest} for uri, digest in self.files]
         return {"uri": self.uri, "sha256": self.sha256, "files": files}
+
+    @property
+    def content_id(self) -> str:
+        return f"sha256:{self.sha256}"
+
+    def lineage_input(self) -> dict[str, Any]:
+        """The record's ``inputs`` entry: ``{"id", "kind", "uri"}`` and the files matched."""
+        return {"id": self.content_id, "kind": "manifest", **self.record()}
 
 
 def read_input(uri: str, columns: dict[str, Any]) -> tuple[pa.Table, Source]:
@@ -192,10 +210,16 @@ class _Job:
     assets: dict[str, dict[str, str]]  # fitted, or kept from the base
     digest: str  # the version's digest; its id is ds-<digest[:12]>
     plan: Plan | None  # what an incremental ingest takes from its base
+    name: str
 
     @property
     def dataset_id(self) -> str:
         return f"ds-{self.digest[:12]}"
+
+    @property
+    def recipe(self) -> Recipe:
+        """Ingest's recipe: the version digest already covers its inputs and settings."""
+        return recipe("ingest", {"digest": self.digest}, [self.source.content_id])
 
 
 def ingest(
@@ -206,16 +230,25 @@ def ingest(
     inline: bool = False,
     incremental: bool = False,
     base: str | None = None,
+    name: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run the ingest job; returns the published dataset manifest (with a ``summary``).
+    """Run the ingest job; returns the published dataset manifest (with a ``summary``) and
+    ``reused``.
 
     ``manifest_uri`` may be a glob of manifests. A version already published (by an
-    earlier or a concurrent ingest) is returned with ``summary.reused`` set; nothing else
-    is written then. ``inline`` decodes in this process without Ray: the same work, as the
-    benchmark's single-process baseline. ``incremental`` starts from the version ``base``
-    (default: the newest of the same input and data settings; none: a full ingest).
+    earlier or a concurrent ingest) is returned with ``reused`` (and ``summary.reused``)
+    set; nothing else is written then. ``force`` decodes even so, but the commit then keeps
+    the version already published: the id is the content's identity, so both hold the same
+    records. ``name`` (default: the manifest's file stem, or a glob's folder name) names the
+    version, and ``NAME@latest`` moves to each new one. ``inline`` decodes in this process
+    without Ray: the same work, as the benchmark's single-process baseline. ``incremental``
+    starts from the version ``base`` (default: the newest of the same input and data
+    settings; none: a full ingest).
     """
     cfg.data.require_columns()
+    if name is not None:
+        names.check(name, "--name")
     if base is not None and not incremental:
         raise IncrementalError(
             f"base {base!r} is only used by an incremental ingest: add --incremental"
@@ -227,25 +260,34 @@ def ingest(
     store = Store.open(cfg.store)
     fitted = _fit_assets(table, columns)
     prior = find_base(store, read.uri, identity.settings, base) if incremental else None
+    name = name or read.default_name
     if prior is None:
-        job = _Job(read, cfg, columns, table, identity, started, fitted, identity.digest, None)
+        job = _Job(
+            read, cfg, columns, table, identity, started, fitted, identity.digest, None, name
+        )
     else:
         kept = prior.assets()  # the rows it lends were preprocessed with these
         digest = version_digest(identity, kept, fitted)
         plan = plan_reuse(prior, table, identity)
-        job = _Job(read, cfg, columns, table, identity, started, kept, digest, plan)
+        job = _Job(read, cfg, columns, table, identity, started, kept, digest, plan, name)
     source = source_file(job.source.uri, job.source.sha256)
     inputs = [source] + ([published_dataset(prior.uri, prior.manifest)] if prior else [])
     with lineage_run(store, "ingest", inputs) as run:
-        manifest = _publish_version(job, store, progress, inline)
+        manifest = _publish_version(job, store, progress, inline, force)
         run.output(published_dataset(store.dataset_uri(manifest["id"]), manifest))
+    if manifest["reused"]:
+        console.note(
+            f"reused dataset {manifest['id']} (same inputs, config and code; --force recomputes)"
+        )
     return manifest
 
 
-def _publish_version(job: _Job, store: Store, progress: bool, inline: bool) -> dict[str, Any]:
+def _publish_version(
+    job: _Job, store: Store, progress: bool, inline: bool, force: bool
+) -> dict[str, Any]:
     """The job's version in ``store``: published now, or as an earlier ingest published it."""
     target = store.dataset_uri(job.dataset_id)
-    if fs.exists(uris.join(target, MANIFEST)):
+    if not force and fs.exists(uris.join(target, MANIFEST)):
         return _reused(store, fs.read_json(uris.join(target, MANIFEST)))
 
     publish.remove_abandoned(store.root)
@@ -257,10 +299,11 @@ def _publish_version(job: _Job, store: Store, progress: bool, inline: bool) -> d
     except BaseException:
         publish.remove(staging)
         raise
-    if not commit.won:  # a concurrent ingest of the same input published first
-        return _reused(store, json.loads(commit.record))
-    store.record(LineageRecord(**manifest["lineage"]))
-    return manifest
+    if not commit.won:  # published first: by a concurrent ingest, or before a --force one
+        decoded = manifest["summary"]["records_decoded"]
+        return _reused(store, json.loads(commit.record), decoded)
+    store.index(LineageRecord.from_json(manifest["lineage"]))
+    return manifest | {"reused": False}
 
 
 def _build(
@@ -290,27 +333,54 @@ def _build(
     summary["seconds"] = round(time.perf_counter() - job.started, 2)
     summary["records_per_s"] = round(len(job.table) / summary["seconds"], 1)
     base = [job.plan.base.lineage_input()] if job.plan else []
+    contents = _contents(manifest, assets)
+    config = to_dict(job.cfg)
+    made = job.recipe
     manifest["lineage"] = LineageRecord(  # in the commit: no version without its lineage
         id=job.dataset_id,
         kind="dataset",
         uri=target,
-        config=to_dict(job.cfg),
-        inputs=[manifest["source"], *base],
+        name=job.name,
+        content_id=content_id("dataset", [(path, digest) for path, digest, _ in contents]),
+        recipe_key=made.key,
+        stage_code=made.code,
+        config_digest=digest_of(config),
+        size=sum(size for _, _, size in contents),
+        files=len(contents),
+        config=config,
+        inputs=[job.source.lineage_input(), *base],
         metrics=summary,
     ).to_json()
     return manifest
 
 
-def _reused(store: Store, manifest: dict[str, Any]) -> dict[str, Any]:
-    """A published version, as an ingest that did no work returns it; restores its lineage
-    record if a crash came between the commit and that record (the manifest holds it)."""
+def _contents(
+    manifest: dict[str, Any], assets: dict[str, dict[str, str]]
+) -> list[tuple[str, str, int]]:
+    """(path, sha256, bytes) of every file the version holds, kept ones included, but not
+    ``manifest.json`` itself (its timings differ between identical versions)."""
+    entries = [*manifest["shards"], *manifest["quarantine"]["files"], *manifest["records"]]
+    found = [(entry["path"], entry["sha256"], entry["bytes"]) for entry in entries]
+    for column, files in assets.items():
+        for filename, content in files.items():
+            data = content.encode()
+            digest = hashlib.sha256(data).hexdigest()
+            found.append((f"assets/{column}/{filename}", digest, len(data)))
+    return found
+
+
+def _reused(store: Store, manifest: dict[str, Any], decoded: int = 0) -> dict[str, Any]:
+    """A published version, as an ingest that published nothing returns it (``decoded``:
+    the records it decoded all the same); restores its record and index if a crash came
+    between the commit and them (the manifest holds the record)."""
     try:
         store.lineage(manifest["id"])
     except ArtefactNotFound:
-        store.record(LineageRecord(**manifest["lineage"]))
-    rows = manifest["summary"]["rows_in"]  # this call decoded nothing
-    counts = {"records_decoded": 0, "records_reused": rows, "records_removed": 0}
-    return manifest | {"summary": {**manifest["summary"], **counts, "reused": True}}
+        store.index(LineageRecord.from_json(manifest["lineage"]))
+    rows = manifest["summary"]["rows_in"]
+    counts = {"records_decoded": decoded, "records_reused": rows - decoded, "records_removed": 0}
+    summary = {**manifest["summary"], **counts, "reused": True}
+    return manifest | {"summary": summary, "reused": True}
 
 
 def _decode(job: _Job, decoder: dict[str, Any], progress: bool, inline: bool) -> list[StagedFile]:
