@@ -174,7 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     check_objectives(cfg)
     result = train(args.dataset, cfg, args.objective)
-    _emit(args, result, f"run {result['run']}: checkpoint {result['checkpoint']}")
+    how = "reused" if result["reused"] else "trained"
+    _emit(args, result, f"run {result['run']} ({how}): checkpoint {result['checkpoint']}")
     return 0
 
 

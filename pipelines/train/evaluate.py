@@ -53,7 +53,7 @@ import torch
 from pipelines.config import ChorusConfig, EvalConfig, to_dict
 from pipelines.console import progress
 from pipelines.dataset import DatasetVersion, SplitTooSmall
-from pipelines.train.loop import CONFIG_FILE, load_checkpoint_dir
+from pipelines.train.checkpoint import CONFIG_FILE, load_checkpoint
 from pipelines.train.model import ChorusModel
 from pipelines.train.objectives import get_objective
 from storage import fs, uris
@@ -368,8 +368,7 @@ def open_checkpoint(checkpoint: str, dataset_id: str | None, cfg: ChorusConfig) 
     """The model rebuilt from its checkpoint and the dataset (default: the one it trained on)."""
     store = Store.open(cfg.store, create=False)
     uri = resolve_checkpoint(store, checkpoint)
-    with local_checkpoint(uri) as directory:
-        model, config = load_checkpoint_dir(directory)
+    model, config = load_checkpoint(uri)  # reads a remote checkpoint in place
     dataset = DatasetVersion.open(store, dataset_id or config["dataset_id"])
     return Opened(store, uri, run_view(dataset, config), model, config)
 

@@ -1,7 +1,11 @@
-"""Launching training on Ray Train: dataset version + config -> checkpoint in the store.
+"""Launching training on Ray Train: dataset version + config -> a published run in the store.
 
-The run name is derived from the dataset, objective and training config, so re-running
-the same command resumes from the latest checkpoint (Ray Train V2 semantics).
+Before any work, the run's recipe (the dataset, the run config and the training code) is
+looked up: a run it already made is returned as it is (``--force`` trains again). Otherwise
+Ray Train works in ``staging/train-<recipe key>``, a folder named by the recipe, so the same
+command after a crash resumes from its latest checkpoint (Ray Train V2 semantics). The run
+is then published as one artefact, ``runs/<run-id>/`` with the selected checkpoint under
+``checkpoint/`` and the whole curve as ``metrics.jsonl``, and the working folder removed.
 """
 
 from __future__ import annotations
@@ -12,18 +16,30 @@ from modalities.base import with_tower_settings
 from pipelines.config import ChorusConfig, TrainConfig, to_dict
 from pipelines.console import note
 from pipelines.dataset import TRAIN, VAL, DatasetVersion, SplitTooSmall, holdout_rows
-from pipelines.train.loop import (
+from pipelines.recipes import recipe
+from pipelines.train.checkpoint import (
+    CHECKPOINT_FOLDER,
     METRICS_FILE,
     STATE_FILE,
     build_model,
-    total_steps,
-    train_loop_per_worker,
+    stage_run,
 )
-from storage import fs, uris
-from storage.artefacts import Store
+from pipelines.train.loop import total_steps, train_loop_per_worker
+from storage import fs, publish, uris
+from storage.artefacts import Recipe, Store
 from storage.errors import UserError
-from storage.lineage import LineageRecord, digest_of
+from storage.lineage import LineageRecord
 from storage.lineage_events import folder, lineage_run, published_dataset
+
+# Train settings that change how fast a run trains, not what it learns; and the config's
+# default objective, which the run's own ``objective`` and ``objective_options`` supersede.
+NOT_IN_RECIPE = (
+    "cpus_per_worker",
+    "torch_threads",
+    "cache_dataset",
+    "objective",
+    "objective_options",
+)
 
 
 class TrainingSetupError(UserError, ValueError):
@@ -112,8 +128,18 @@ def run_config_for(
     }
 
 
-def run_name_for(config: dict[str, Any]) -> str:
-    return f"{config['dataset_id']}-{config['objective']}-{digest_of(config)[:8]}"
+def train_recipe(config: dict[str, Any]) -> Recipe:
+    """How the run with this run config is made: the config without its dataset (the
+    recipe's input) and without the settings in :data:`NOT_IN_RECIPE`."""
+    train = {k: v for k, v in config["train"].items() if k not in NOT_IN_RECIPE}
+    parameters = {k: v for k, v in config.items() if k != "dataset_id"} | {"train": train}
+    return recipe("train", parameters, (config["dataset_id"],))
+
+
+def working_folder(store: Store, train: Recipe) -> str:
+    """Where Ray Train keeps the recipe's checkpoints until the run is published (a staging
+    attempt: ``chorus artefacts gc`` frees one abandoned after a crash)."""
+    return store.uri(publish.STAGING, f"train-{train.key}")
 
 
 def train(
@@ -121,28 +147,71 @@ def train(
     cfg: ChorusConfig,
     objective: str | None = None,
     options: dict[str, Any] | None = None,
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Train one model; returns the run name, checkpoint URIs (``checkpoint`` is the one to
-    evaluate: the best by ``train.keep_by``), the full curve's ``metrics_uri`` and final metrics.
+    """Train one model, or return the run the same recipe made (``reused``; ``force``
+    trains again). Returns the run id, ``checkpoint`` (the URI of its checkpoint: the best
+    by ``train.keep_by``), the full curve's ``metrics_uri`` and final ``metrics``.
 
     ``objective`` defaults to ``train.objective`` with ``train.objective_options``.
     """
     store = Store.open(cfg.store, create=False)
     dataset = training_view(DatasetVersion.open(store, dataset_id), cfg.train)
+    if objective is None or (objective == cfg.train.objective and options is None):
+        objective, options = cfg.train.objective, cfg.train.objective_options
+    config = run_config_for(dataset, cfg, objective, options or {})
+    made = train_recipe(config)
     with lineage_run(store, "train", [published_dataset(dataset.uri, dataset.manifest)]) as run:
-        result = _fit(store, dataset, cfg, objective, options)
+        record = None if force else store.reusable(made)
+        if record is not None:
+            note(f"reused run {record.id} (same inputs, config and code; --force recomputes)")
+        result = _result(record or _train_and_publish(store, dataset, cfg, config, made))
         run.output(folder(result["checkpoint"], kind="run", id=result["run"]))
-    return result
+    return result | {"reused": record is not None}
 
 
-def _fit(
-    store: Store,
-    dataset: DatasetVersion,
-    cfg: ChorusConfig,
-    objective: str | None,
-    options: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """:func:`train` on the opened store and the dataset as training reads it."""
+def _result(record: LineageRecord) -> dict[str, Any]:
+    return {
+        "run": record.id,
+        "checkpoint": uris.join(record.uri, CHECKPOINT_FOLDER),
+        "metrics_uri": uris.join(record.uri, METRICS_FILE),
+        "metrics": record.metrics,
+    }
+
+
+def _train_and_publish(
+    store: Store, dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], made: Recipe
+) -> LineageRecord:
+    """Train in the recipe's working folder, publish the run, then free the folder."""
+    if dataset.holdout:
+        note(holdout_note(dataset))
+    working = working_folder(store, made)
+    by_val = cfg.train.keep_by == "val_loss"
+    result = _fit(dataset, cfg, config, working)
+    best = fs.to_uri(store.root, _best(result, by_val).path)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    if by_val:
+        metrics["best_step"] = fs.read_json(uris.join(best, STATE_FILE))["step"]
+    staging = store.begin()
+    stage_run(staging.uri, best, fs.to_uri(store.root, result.checkpoint.path))
+    source = store.resolve(dataset.id, kind="dataset")
+    published = store.publish(
+        staging,
+        kind="run",
+        name=f"{source.name or source.id}-{config['objective']}",
+        inputs=[source],
+        config=config,
+        metrics=metrics,
+        recipe=made,
+    )
+    publish.delete_tree(working)
+    return published.record
+
+
+def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], working: str):
+    """Ray Train's fit of ``config`` on the dataset as training reads it, its checkpoints
+    in the folder ``working``; returns Ray Train's result."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -150,12 +219,6 @@ def _fit(
     from pipelines.runtime import ensure_ray
     from pipelines.train.progress import TrainingProgress
 
-    if objective is None or (objective == cfg.train.objective and options is None):
-        objective, options = cfg.train.objective, cfg.train.objective_options
-    config = run_config_for(dataset, cfg, objective, options or {})
-    name = run_name_for(config)
-    if dataset.holdout:
-        note(holdout_note(dataset))
     ensure_ray()
     use_gpu = _use_gpu(cfg.train.device)
     if cfg.train.precision == "fp16" and not use_gpu:
@@ -170,7 +233,7 @@ def _fit(
         datasets["train"] = datasets["train"].materialize()
     if cfg.train.keep_by == "val_loss":
         datasets["val"] = dataset.read(VAL, model_columns).materialize()
-    storage_fs, storage_path = fs.filesystem(store.uri("runs"))
+    storage_fs, storage_path = fs.filesystem(uris.parent(working))
     by_val = cfg.train.keep_by == "val_loss"
     progress = TrainingProgress(total_steps(config))
     trainer = TorchTrainer(
@@ -182,7 +245,7 @@ def _fit(
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=working.rsplit("/", 1)[-1],
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(
@@ -196,33 +259,7 @@ def _fit(
         ),
         datasets=datasets,
     )
-    result = progress.run(trainer.fit)
-    latest_uri = fs.to_uri(store.root, result.checkpoint.path)
-    checkpoint_uri = fs.to_uri(store.root, _best(result, by_val).path)
-    # The latest checkpoint holds the whole curve; the best one only the curve up to it.
-    metrics_uri = uris.join(store.run_uri(name), METRICS_FILE)
-    fs.write_bytes(metrics_uri, fs.read_bytes(uris.join(latest_uri, METRICS_FILE)))
-    final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    if by_val:
-        best_metrics = fs.read_json(uris.join(checkpoint_uri, STATE_FILE))
-        final["best_step"] = best_metrics["step"]
-    store.record(
-        LineageRecord(
-            id=name,
-            kind="run",
-            uri=checkpoint_uri,
-            inputs=[{"id": dataset.id, "uri": dataset.uri}],
-            config=config,
-            metrics=final,
-        )
-    )
-    return {
-        "run": name,
-        "checkpoint": checkpoint_uri,
-        "latest_checkpoint": latest_uri,
-        "metrics_uri": metrics_uri,
-        "metrics": final,
-    }
+    return progress.run(trainer.fit)
 
 
 def _best(result, by_val: bool):

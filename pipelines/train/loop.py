@@ -4,17 +4,15 @@
 ``num_workers=0``, where Ray Train keeps no checkpoints). It reads its shard of the Parquet
 dataset with ``iter_torch_batches``; global negatives across workers are the objective's
 business (``pipelines.train.objectives``).
-A checkpoint (every ``train.checkpoint_every`` steps and at the end) is a folder:
-``model.pt`` + ``optimizer.pt`` (optimizer, scheduler, grad scaler) + ``state.json`` (step,
-epoch, and the data position: batches already consumed in that epoch) + ``config.json``
-(enough to rebuild the model) + ``metrics.jsonl`` (the curve so far). torch's RNG is reseeded
+A checkpoint (every ``train.checkpoint_every`` steps and at the end) is a folder written
+by ``pipelines.train.checkpoint`` (weights, optimizer state, the data position: batches
+already consumed in that epoch, the config and the curve so far). torch's RNG is reseeded
 from (seed, rank, step) at every checkpoint, so a resumed run continues as the original did.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import sys
@@ -26,31 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.train.checkpoint import build_model, restore, save, unwrap
 from pipelines.train.model import ChorusModel
 from pipelines.train.objectives import get_objective
-
-MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.pt", "optimizer.pt", "state.json"
-CONFIG_FILE, METRICS_FILE = "config.json", "metrics.jsonl"
-
-
-def build_model(config: dict[str, Any]) -> ChorusModel:
-    objective = get_objective(config["objective"], **config["objective_options"])
-    return ChorusModel(
-        config["columns"],
-        embed_dim=config["model"]["embed_dim"],
-        normalize=config["model"]["normalize"],
-        init_logit_scale=objective.init_logit_scale,
-        init_logit_bias=objective.init_logit_bias,
-        freeze=config["model"].get("freeze", []),  # absent from pre-freeze checkpoints
-    )
-
-
-def load_checkpoint_dir(path: str | Path) -> tuple[ChorusModel, dict[str, Any]]:
-    """Rebuild the model from a checkpoint folder's own config and weights."""
-    config = json.loads(Path(path, CONFIG_FILE).read_text())
-    model = build_model(config)
-    model.load_state_dict(torch.load(Path(path, MODEL_FILE), map_location="cpu"))
-    return model.eval(), config
 
 
 def _optimizer(model: ChorusModel, train: dict[str, Any]) -> torch.optim.Optimizer:
@@ -78,31 +54,6 @@ def _schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _unwrap(model: torch.nn.Module) -> ChorusModel:
-    return getattr(model, "module", model)
-
-
-def _save(directory: Path, model, stateful: dict, state, config, history) -> None:
-    """``stateful``: objects with ``state_dict`` (optimizer, scheduler, grad scaler)."""
-    torch.save(_unwrap(model).state_dict(), directory / MODEL_FILE)
-    torch.save({k: v.state_dict() for k, v in stateful.items()}, directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps(state))
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    (directory / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in history))
-
-
-def _restore(checkpoint, model, stateful: dict) -> tuple[dict, list[dict]]:
-    with checkpoint.as_directory() as directory:
-        directory = Path(directory)
-        _unwrap(model).load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu"))
-        saved = torch.load(directory / OPTIMIZER_FILE, map_location="cpu")
-        for key, obj in stateful.items():
-            obj.load_state_dict(saved[key])
-        state = json.loads((directory / STATE_FILE).read_text())
-        history = [json.loads(line) for line in (directory / METRICS_FILE).read_text().splitlines()]
-    return state, history
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -117,14 +68,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     objective = get_objective(config["objective"], **config["objective_options"])
     model = ray.train.torch.prepare_model(build_model(config))
     device = ray.train.torch.get_device()
-    optimizer = _optimizer(_unwrap(model), train)
+    optimizer = _optimizer(unwrap(model), train)
     total = total_steps(config)
     scheduler = _schedule(optimizer, train["warmup_steps"], total)
     precision = Precision(train["precision"], device)
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "scaler": precision.scaler}
     state, history = {"step": 0, "epoch": 0, "epoch_step": 0, "resumed_from_step": 0}, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
-        state, history = _restore(checkpoint, model, stateful)
+        with checkpoint.as_directory() as directory:
+            state, history = restore(Path(directory), model, stateful)
         state["resumed_from_step"] = state["step"]
         _reseed(train["seed"], rank, state["step"])
         if rank == 0:
@@ -213,7 +165,7 @@ def _step(model, objective, optimizer, precision, batch, train):
     precision.scaler.update()
     if objective.max_logit_scale is not None:
         with torch.no_grad():
-            _unwrap(model).logit_scale.clamp_(0, objective.max_logit_scale)
+            unwrap(model).logit_scale.clamp_(0, objective.max_logit_scale)
     return terms, grad_norm
 
 
@@ -272,6 +224,6 @@ def _checkpoint(model, stateful, state, config, history, val) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
-            _save(Path(directory), model, stateful, state, config, history)
+            save(Path(directory), model, stateful, state, config, history)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)

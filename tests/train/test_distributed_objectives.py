@@ -94,7 +94,7 @@ def _free_port() -> int:
 def per_rank(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
-    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def test_every_registered_objective_is_covered():

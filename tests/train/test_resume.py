@@ -14,8 +14,9 @@ import pytest
 
 from pipelines.config import load
 from pipelines.dataset import DatasetVersion
-from pipelines.train.launch import run_config_for, run_name_for, train
-from pipelines.train.loop import METRICS_FILE
+from pipelines.train.checkpoint import read_metrics
+from pipelines.train.launch import run_config_for, train, train_recipe, working_folder
+from storage import uris
 from storage.artefacts import Store
 
 
@@ -60,7 +61,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ingested):
     cfg = load("debug", None, overrides)
     dataset = DatasetVersion.open(Store.open(cfg.store), manifest["id"])
     config = run_config_for(dataset, cfg, cfg.train.objective, cfg.train.objective_options)
-    run_dir = Path(Store.open(cfg.store).run_uri(run_name_for(config)))
+    run_dir = Path(working_folder(Store.open(cfg.store), train_recipe(config)))
 
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(train(manifest["id"], cfg)))
@@ -77,10 +78,8 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ingested):
     assert killed_after < total
     assert outcome["metrics"]["resumed_from_step"] >= killed_after > 0
     assert outcome["metrics"]["step"] == total
-    history = [
-        json.loads(line)
-        for line in (Path(outcome["latest_checkpoint"]) / METRICS_FILE).read_text().splitlines()
-    ]
+    assert not run_dir.exists()  # published, so the working folder is gone
+    history = read_metrics(uris.parent(outcome["checkpoint"]))  # the run's whole curve
     steps = [h["step"] for h in history]
     assert steps == sorted(set(steps)) and steps[-1] == total  # one continuous curve
     # Epoch accounting survives too: checkpoints fall mid-epoch (every 2 steps, 3 per

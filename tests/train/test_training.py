@@ -13,6 +13,7 @@ import torch
 
 from pipelines.config import ConfigError, EvalConfig
 from pipelines.dataset import DatasetVersion, SplitTooSmall
+from pipelines.train.checkpoint import METRICS_FILE, build_model, load_checkpoint
 from pipelines.train.evaluate import (
     evaluate,
     export_embeddings,
@@ -21,7 +22,6 @@ from pipelines.train.evaluate import (
     retrieval_metrics,
 )
 from pipelines.train.launch import holdout_note, run_config_for, train, training_view
-from pipelines.train.loop import METRICS_FILE, build_model, load_checkpoint_dir
 from storage.artefacts import Store
 
 COLUMNS = {
@@ -149,12 +149,12 @@ def test_train_on_ray_train_then_resume_and_evaluate(ingested):
     history = [json.loads(line) for line in (checkpoint / METRICS_FILE).read_text().splitlines()]
     assert history and all(np.isfinite(h["loss"]) for h in history)
     assert result["metrics"]["epoch"] == cfg.train.epochs
-    model, config = load_checkpoint_dir(checkpoint)
+    model, config = load_checkpoint(checkpoint)
     assert config["dataset_id"] == manifest["id"] and config["objective"] == "symile"
 
-    # Same run name: Ray Train resumes from the latest checkpoint, which is already final.
+    # Same recipe: the published run is returned, not trained again.
     again = train(manifest["id"], cfg)
-    assert again["run"] == result["run"] and again["metrics"]["step"] == result["metrics"]["step"]
+    assert again["run"] == result["run"] and again["reused"]
 
     exported = export_embeddings(result["checkpoint"], manifest["id"], cfg, "val")
     table = pq.read_table(f"{exported['uri']}/embeddings.parquet")
