@@ -23,7 +23,7 @@ import io
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -220,6 +220,10 @@ class RecordDecoder:
             self.cost[f"{name}/preprocess"] += time.perf_counter() - start
         return _Decoded(out, failures, digests)
 
+    def decode_block(self, block: pa.Table) -> dict[str, np.ndarray]:
+        """One input block (from :func:`input_blocks`) -> its files' metadata rows."""
+        return self(to_batch(block))
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.cost.clear()
         block, n, step = int(batch[BLOCK][0]), len(batch["id"]), self.batch_size
@@ -321,3 +325,32 @@ def input_blocks(
         block = table.slice(begin, rows)
         blocks.append(block.append_column(BLOCK, pa.array([index] * len(block), pa.int32())))
     return blocks
+
+
+def to_batch(block: pa.Table) -> dict[str, np.ndarray]:
+    """An input block as the decoder's batch: a numpy array per column (strings as objects,
+    nulls as None), as Ray Data's ``numpy`` batch format gives it."""
+    return {name: block.column(name).to_numpy() for name in block.column_names}
+
+
+def metadata_rows(meta: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """The decoder's columnar metadata as one dict per file."""
+    yield from (dict(zip(meta, row, strict=True)) for row in zip(*meta.values(), strict=True))
+
+
+def decode_on_ray(blocks: list[pa.Table], decoder: dict, actors: int) -> Iterator[dict]:
+    """The blocks through ``actors`` Ray actors running ``RecordDecoder(**decoder)``, one
+    block per actor at a time; each file's metadata row, as its block finishes.
+
+    Plain Ray actors rather than a Ray Data pipeline: a block is one call that writes its
+    own files, so Ray Data would add only its coordinator actors (stats, autoscaling,
+    actor locations: a worker each, ~5 CPU s on 2 CPUs, BENCHMARKS.md) and a conversion.
+    A block whose actor dies is retried on its restart, and overwrites its files.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    remote = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(RecordDecoder)
+    pool = ActorPool([remote.remote(**decoder) for _ in range(actors)])
+    for meta in pool.map_unordered(lambda actor, block: actor.decode_block.remote(block), blocks):
+        yield from metadata_rows(meta)

@@ -45,7 +45,14 @@ import pyarrow.parquet as pq
 from modalities import registry
 from pipelines import console
 from pipelines.config import ChorusConfig, to_dict
-from pipelines.decode import FOLDERS, RecordDecoder, StagedFile, input_blocks
+from pipelines.decode import (
+    FOLDERS,
+    RecordDecoder,
+    StagedFile,
+    decode_on_ray,
+    input_blocks,
+    metadata_rows,
+)
 from pipelines.identity import Identity, identify, is_reference
 from pipelines.incremental import (
     IncrementalError,
@@ -410,37 +417,18 @@ def _on_ray(blocks: list[pa.Table], decoder: dict, workers: int | None) -> Itera
     """The blocks through a pool of decode actors; their metadata rows as they finish."""
     if not blocks:
         return iter(())
-    import ray
-
     from pipelines.runtime import available_cpus, ensure_ray
 
     ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar, ours
     size = max(1, min(workers or available_cpus(), len(blocks)))
-    return (
-        ray.data.from_arrow(blocks)
-        .map_batches(
-            RecordDecoder,
-            fn_constructor_kwargs=decoder,
-            batch_size=None,  # one input block per call: the block names its files
-            batch_format="numpy",
-            # A fixed pool (an autoscaling one starts at one actor and grows late), one block
-            # per actor at a time: with more in flight, the first actor up took them all.
-            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
-            num_cpus=1,
-        )
-        .iter_rows()
-    )
+    return decode_on_ray(blocks, decoder, size)
 
 
 def _inline(blocks: list[pa.Table], decoder: dict) -> Iterator[dict]:
     """The same work in this process, without Ray (the benchmark's baseline)."""
-    from ray.data.block import BlockAccessor  # the same batch format as the actors get
-
     run = RecordDecoder(**decoder)
     for block in blocks:
-        meta = run(BlockAccessor.for_block(block).to_batch_format("numpy"))
-        yield from (dict(zip(meta, row, strict=True)) for row in zip(*meta.values(), strict=True))
+        yield from metadata_rows(run.decode_block(block))
 
 
 def _fit_assets(table: pa.Table, columns: dict[str, dict]) -> dict[str, dict[str, str]]:

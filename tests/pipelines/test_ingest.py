@@ -178,10 +178,9 @@ def test_record_decoder_writes_its_block_and_tokenizes_like_transformers(
     import hashlib
 
     import pyarrow as pa
-    from ray.data.block import BlockAccessor
 
     from modalities import text
-    from pipelines.decode import RecordDecoder, StagedFile, input_blocks
+    from pipelines.decode import RecordDecoder, StagedFile, input_blocks, metadata_rows
     from pipelines.ingest import _fit_assets
 
     cfg = debug_config()
@@ -198,8 +197,7 @@ def test_record_decoder_writes_its_block_and_tokenizes_like_transformers(
         columns, assets, str(demo_manifest.parent), cfg.data.allowed_roots, str(staging), 3
     )
     block = input_blocks(table, identity, 8)[0]
-    meta = decoder(BlockAccessor.for_block(block).to_batch_format("numpy"))
-    rows = [dict(zip(meta, values, strict=True)) for values in zip(*meta.values(), strict=True)]
+    rows = metadata_rows(decoder.decode_block(block))
     files = {staged.kind: staged for staged in map(StagedFile.from_row, rows)}
     assert decoder.pool is None  # local files: no fetch threads were started
     assert [f.path for f in files.values()] == [
