@@ -13,6 +13,12 @@ Event names start with their UTC time and end with their type (``<time>-<run>-<T
 so the snapshot records the newest event it applied and a query lists only the names after
 it (S3 ``StartAfter``), less :data:`SETTLE_S` for events that land late, and reads only the
 COMPLETE ones it has not applied: a warm query costs one short listing, not the whole log.
+
+A machine without a snapshot (or with one far behind) starts from the newest one shared in
+the store, ``lineage/snapshots/<newest event applied>``: a query that applied
+:data:`SHARE_EVERY` events publishes its snapshot there (once, atomically; a store this user
+cannot write to only misses the speed-up). Shared snapshots are derived from the log alone:
+removing ``lineage/snapshots/`` costs the next machine one full read.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
 from collections import deque
@@ -33,6 +40,8 @@ from storage import fs, uris
 from storage.errors import UserError
 from storage.lineage_events import EVENTS
 
+log = logging.getLogger(__name__)
+
 READERS = 16  # event files read at once (an S3 GET each)
 COMPLETE = "-COMPLETE.json"
 # An event appears in the log at most this long after its eventTime (a writer's retries,
@@ -40,6 +49,8 @@ COMPLETE = "-COMPLETE.json"
 SETTLE_S = 600
 STAMP = "%Y%m%dT%H%M%S.%fZ"  # how event names begin (storage.openlineage_client)
 SNAPSHOT_FORMAT = 2
+SNAPSHOTS = ("lineage", "snapshots")  # the shared snapshots' folder under the store root
+SHARE_EVERY = 1000  # COMPLETE events applied after which a query shares its snapshot
 
 
 class LineageNotFound(UserError, LookupError):
@@ -189,6 +200,7 @@ class Snapshot:
     nodes: dict[str, Node] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)  # URI -> id of its newest output
     edges: set[tuple[str, str]] = field(default_factory=set)
+    unshared: int = 0  # events applied since the shared snapshot this one started from
 
     @property
     def start(self) -> str:
@@ -205,6 +217,7 @@ class Snapshot:
             made = [self._output(dataset) for dataset in summary.outputs]
             self.edges |= {(i, o) for i in sources for o in made if i != o}
         self.last = max(self.last, *names)
+        self.unshared += len(names)
         start = self.start
         self.recent = {name for name in (*self.recent, *names) if name > start}
 
@@ -249,6 +262,7 @@ class Snapshot:
             "nodes": [[node.id, node.kind, node.uri] for node in self.nodes.values()],
             "outputs": self.outputs,
             "edges": list(self.edges),
+            "unshared": self.unshared,
         }
 
     @classmethod
@@ -257,26 +271,32 @@ class Snapshot:
             raise ValueError("a snapshot of another format or store")
         nodes = {i: Node(i, kind, _short_name(root, uri), uri) for i, kind, uri in payload["nodes"]}
         edges = {(source, target) for source, target in payload["edges"]}
-        return cls(root, payload["last"], set(payload["recent"]), nodes, payload["outputs"], edges)
+        recent, outputs, unshared = set(payload["recent"]), payload["outputs"], payload["unshared"]
+        return cls(root, payload["last"], recent, nodes, outputs, edges, int(unshared))
 
 
 def load(store_root: str) -> Graph:
     """The graph of every COMPLETE event in the store at ``store_root``.
 
-    Starts from this machine's snapshot (:func:`cache_path`), lists the log after it and
-    applies the COMPLETE events it has not seen. A snapshot whose newest event is no longer
-    in the log (the store was removed or replaced) is rebuilt, as is a missing or unreadable
-    one: deleting it costs one full read of the log, nothing else.
+    Starts from this machine's snapshot (:func:`cache_path`), else the newest shared in the
+    store, lists the log after it and applies the COMPLETE events it has not seen. A snapshot
+    whose newest event is no longer in the log (the store was removed or replaced) is
+    rebuilt, as is a missing or unreadable one: deleting it costs one full read of the log.
     """
     cache = cache_path(store_root)
-    snapshot = _read_snapshot(cache, store_root)
-    names = _names_after(store_root, snapshot.start)
+    local = _read_snapshot(cache, store_root)
+    snapshot = local or _shared_snapshot(store_root) or Snapshot(store_root)
+    events = uris.join(store_root, *EVENTS)
+    names = names_after(events, snapshot.start)
     if snapshot.last and snapshot.last not in names:
         snapshot = Snapshot(store_root)
-        names = _names_after(store_root, "")
+        names = names_after(events, "")
     new = [name for name in names if name.endswith(COMPLETE) and name not in snapshot.recent]
     if new:
         snapshot.apply(new, _summaries(store_root, new))
+        if snapshot.unshared >= SHARE_EVERY:
+            _share(snapshot)
+    if new or snapshot is not local:
         _write_snapshot(cache, snapshot)
     return snapshot.graph()
 
@@ -288,11 +308,36 @@ def cache_path(store_root: str) -> Path:
     return Path(base, f"lineage-{digest}.json")
 
 
-def _read_snapshot(path: Path, store_root: str) -> Snapshot:
+def _read_snapshot(path: Path, store_root: str) -> Snapshot | None:
     try:
         return Snapshot.from_json(store_root, json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: rebuilt
-        return Snapshot(store_root)
+        return None
+
+
+def _shared_snapshot(store_root: str) -> Snapshot | None:
+    """The newest snapshot shared in the store, if it can be read (else the log is)."""
+    folder = uris.join(store_root, *SNAPSHOTS)
+    names = [name for name in names_after(folder, "") if name.endswith(COMPLETE)]  # no temps
+    if not names:
+        return None
+    try:
+        return Snapshot.from_json(store_root, fs.read_json(uris.join(folder, names[-1])))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("shared lineage snapshot %s unreadable (%s): reading the log", names[-1], exc)
+        return None
+
+
+def _share(snapshot: Snapshot) -> None:
+    """Publish ``snapshot`` in the store, named by its newest event; best effort."""
+    from storage.publish import put_if_absent
+
+    snapshot.unshared = 0
+    target = uris.join(snapshot.root, *SNAPSHOTS, snapshot.last)
+    try:
+        put_if_absent(target, json.dumps(snapshot.to_json()).encode())
+    except Exception as exc:  # e.g. read-only credentials: queries work, only slower
+        log.info("lineage snapshot not shared in the store (%s)", exc)
 
 
 def _write_snapshot(path: Path, snapshot: Snapshot) -> None:
@@ -306,11 +351,10 @@ def _write_snapshot(path: Path, snapshot: Snapshot) -> None:
         pass
 
 
-def _names_after(store_root: str, after: str) -> list[str]:
-    """The log's file names after ``after``, in order (= time order)."""
-    folder = uris.join(store_root, *EVENTS)
+def names_after(folder: str, after: str) -> list[str]:
+    """The names of the files in ``folder`` after ``after``, in order (the log's: time order)."""
     if uris.is_remote(folder):
-        return _s3_names_after(folder, after)
+        return _s3names_after(folder, after)
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
@@ -318,7 +362,7 @@ def _names_after(store_root: str, after: str) -> list[str]:
     return sorted(name for name in names if name > after)
 
 
-def _s3_names_after(folder: str, after: str) -> list[str]:
+def _s3names_after(folder: str, after: str) -> list[str]:
     """One LIST request per 1,000 names, from ``after`` on (pyarrow has no ``StartAfter``)."""
     from storage.publish import s3_client
 
