@@ -260,6 +260,19 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines import status
+    from storage.artefacts import Store
+
+    cfg = _load_config(args)
+    store = Store.open(cfg.store, create=False)
+    found = status.stale(store, cfg, args.id)
+    fresh = f"{args.id} and its inputs are" if args.id else f"every artefact in {store.root} is"
+    text = "\n".join(s.line() for s in found) or f"{fresh} up to date"
+    _emit(args, [s.to_json() for s in found], text)
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from pipelines.experiments import xor
 
@@ -416,6 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["tree", "json", "dot"], default="tree")
     p.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
     p.set_defaults(func=cmd_lineage, down=False, json=False)
+
+    p = sub.add_parser(
+        "status",
+        parents=[conf],
+        help="which artefacts are stale, and why (a newer input, changed code or config)",
+    )
+    p.add_argument("id", nargs="?", help="artefact id or NAME@ALIAS: only it and its inputs")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("experiment", help="synthetic experiments (xor)")
     p.add_argument("name", choices=["xor"])

@@ -2,10 +2,11 @@
 
 Inputs are what :func:`pipelines.train.evaluate.evaluate` returns per objective (the headline
 task plus, optionally, the sweep over targets and query sets) and each run's
-``metrics.jsonl`` (loss and logit scale per logged step). Outputs, in the store under
-``reports/<id>/``: ``summary.json``, ``report.md``, ``comparison.png`` (headline metrics
-with bootstrap error bars), ``sweep.png`` (heatmaps per target and query set) and
-``training.png`` (loss and logit scale curves).
+``metrics.jsonl`` (loss and logit scale per logged step). Outputs, published as one report
+artefact named after the dataset (``reports/<id>/``): ``summary.json``, ``report.md``,
+``comparison.png`` (headline metrics with bootstrap error bars), ``sweep.png`` (heatmaps per
+target and query set) and ``training.png`` (loss and logit scale curves). The report of the
+same inputs, settings and code is reused, not drawn again.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from pipelines.config import ChorusConfig, to_dict
+from pipelines.config import ChorusConfig
+from pipelines.recipes import recipe
 from storage import fs, uris
-from storage.artefacts import Store
-from storage.lineage import LineageRecord, digest_of
+from storage.artefacts import Recipe, Store
 from storage.lineage_events import LineageDataset, folder, lineage_run
+from storage.publish import Staging
+
+SUMMARY_FILE = "summary.json"
 
 # (metric, its chance, short name); K-candidate keys carry K, so "K" stands for them here.
 HEADLINE = (
@@ -348,59 +353,80 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def report_recipe(cfg: ChorusConfig, inputs: Sequence[str]) -> Recipe:
+    """How a report is made: its settings, on the content ids of the dataset, then the runs,
+    then the evaluations (each in the objectives' order)."""
+    return recipe("report", {"bootstrap": cfg.evaluate.bootstrap}, inputs)
+
+
 def write(
     cfg: ChorusConfig,
     dataset: dict[str, Any],
     runs: dict[str, Any],
     evaluations: dict[str, Any],
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Store ``summary.json``, ``report.md`` and the plots with a lineage record."""
+    """Publish ``summary.json``, ``report.md`` and the plots as a report named after the
+    dataset (``<dataset name>.report``); the report of the same dataset, runs, evaluations,
+    settings and code is reused (``reused``; ``force`` writes it again). Returns the summary
+    with its ``report`` id and ``uri``."""
+    from pipelines.train.evaluate import reusable
+
     store = Store.open(cfg.store)
-    data_id = dataset["id"]
-    inputs = [LineageDataset(uri=store.dataset_uri(data_id), kind="dataset", id=data_id)]
-    inputs += [LineageDataset(uri=r["checkpoint"], kind="run", id=r["run"]) for r in runs.values()]
-    for ev_id in (ev["evaluation"] for ev in evaluations.values()):
-        inputs.append(LineageDataset(uri=store.evaluation_uri(ev_id), kind="evaluation", id=ev_id))
+    sources = [store.resolve(dataset["id"], kind="dataset")]
+    sources += [store.resolve(run["run"], kind="run") for run in runs.values()]
+    sources += [store.resolve(ev["evaluation"], kind="evaluation") for ev in evaluations.values()]
+    made = report_recipe(cfg, [source.content_id or source.id for source in sources])
+    inputs = [LineageDataset(uri=s.uri, kind=s.kind, id=s.id) for s in sources]
     with lineage_run(store, "report", inputs) as run:
-        summary = _write(store, cfg, dataset, runs, evaluations)
-        run.output(folder(summary["uri"], kind="report", id=summary["report"]))
-    return summary
+        record = reusable(store, made, force)
+        reused = record is not None
+        if record is None:
+            summary = _summary(cfg, dataset, runs, evaluations)
+            record = store.publish(
+                _staged(store, summary),
+                kind="report",
+                name=f"{sources[0].name or sources[0].id}.report",  # one namespace
+                inputs=sources,
+                config=dict(made.parameters),
+                metrics={row["objective"]: row["class_accuracy"] for row in summary["table"]},
+                recipe=made,
+            ).record
+        run.output(folder(record.uri, kind="report", id=record.id))
+    stored = fs.read_json(uris.join(record.uri, SUMMARY_FILE))
+    return stored | {"report": record.id, "uri": record.uri, "reused": reused}
 
 
-def _write(
-    store: Store,
+def _summary(
     cfg: ChorusConfig,
     dataset: dict[str, Any],
     runs: dict[str, Any],
     evaluations: dict[str, Any],
 ) -> dict[str, Any]:
-    evaluation_ids = {objective: ev["evaluation"] for objective, ev in evaluations.items()}
-    report_id = f"rp-{digest_of(dataset['id'], runs, evaluation_ids)[:12]}"
-    uri = store.uri("reports", report_id)
+    """What ``summary.json`` holds: not its own id (the digest of what it holds), nor
+    whether its inputs were reused (the same report either way)."""
     summary = {
-        "report": report_id,
-        "uri": uri,
-        "dataset": {"id": dataset["id"], **dataset["summary"]} | {"rows": dataset["rows"]},
-        "runs": runs,
-        "evaluations": evaluations,
+        "dataset": {"id": dataset["id"], **_made(dataset["summary"]), "rows": dataset["rows"]},
+        "runs": {objective: _made(run) for objective, run in runs.items()},
+        "evaluations": {objective: _made(ev) for objective, ev in evaluations.items()},
         "bootstrap": cfg.evaluate.bootstrap,
         "table": table(evaluations),
     }
     summary["dataset"]["quarantined"] = dataset["quarantine"]["rows"]
-    fs.write_json(uris.join(uri, "summary.json"), summary)
-    fs.write_bytes(uris.join(uri, "report.md"), _markdown(summary).encode())
-    for name, image in plots(summary).items():
-        fs.write_bytes(uris.join(uri, name), image)
-    store.record(
-        LineageRecord(
-            id=report_id,
-            kind="report",
-            uri=uri,
-            inputs=[{"id": dataset["id"]}]
-            + [{"id": run["run"], "uri": run["checkpoint"]} for run in runs.values()]
-            + [{"id": ev["evaluation"]} for ev in evaluations.values()],
-            config=to_dict(cfg),
-            metrics={row["objective"]: row["class_accuracy"] for row in summary["table"]},
-        )
-    )
     return summary
+
+
+def _made(result: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in result.items() if key != "reused"}
+
+
+def _staged(store: Store, summary: dict[str, Any]) -> Staging:
+    """A staging holding the report's files."""
+    staging = store.begin()
+    ordered = json.dumps(summary, indent=2, default=str)  # not sorted: objectives in order
+    fs.write_bytes(staging.path(SUMMARY_FILE), ordered.encode())
+    fs.write_bytes(staging.path("report.md"), _markdown(summary).encode())
+    for name, image in plots(summary).items():
+        fs.write_bytes(staging.path(name), image)
+    return staging

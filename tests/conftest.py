@@ -140,3 +140,25 @@ def openlineage_event_errors():
         return found
 
     return errors
+
+
+@pytest.fixture(scope="session")
+def s3_pipeline(ray_session, demo_manifest, s3_bucket):
+    """The pipeline once into an ``s3://`` store on the moto server (debug preset, two
+    training steps): ingest, train, evaluate, report. Returns (config, each stage's result
+    under "dataset", "run", "evaluation" and "report"). Tests may add to the store (e.g. a
+    newer dataset version), never change or remove what is there."""
+    from pipelines import report
+    from pipelines.config import load
+    from pipelines.ingest import ingest
+    from pipelines.train.evaluate import evaluate
+    from pipelines.train.launch import train
+
+    store = f"s3://{s3_bucket('pipeline')}/chorus"
+    cfg = load("debug", None, [f"store={store}", "train.max_steps=2"])
+    dataset = ingest(str(demo_manifest), cfg, progress=False)
+    run = train(dataset["id"], cfg)
+    evaluation = evaluate(run["checkpoint"], dataset["id"], cfg)
+    objective = cfg.train.objective
+    summary = report.write(cfg, dataset, {objective: run}, {objective: evaluation})
+    return cfg, {"dataset": dataset, "run": run, "evaluation": evaluation, "report": summary}

@@ -1,8 +1,12 @@
 """Evaluation: retrieval and zero-shot classification of each modality from the others.
 
-One embedding pass over a held-out split; then, per *task* (a target modality and a query
-set of other modalities), scores from the objective's own ``score`` (MIP for Symile, summed
-cosine for CLIP), so evaluation matches training. Per task:
+One embedding pass over a held-out split (and the reference split), by a pool of Ray actors
+that each load the model once and read the shards themselves, so this process holds only the
+N x d embeddings, never the raw inputs; then, per *task* (a target modality and a query set
+of other modalities), scores from the objective's own ``score`` (MIP for Symile, summed
+cosine for CLIP), so evaluation matches training. The scores are computed in tiles and
+folded into per-query counts (:mod:`pipelines.train.retrieval`): memory O(N d + block^2),
+never N x N. Per task:
 
 - retrieval of the paired target among all the task's rows: R@1/5/10, MRR, mean and median
   rank (ties go to the lower candidate index, so results are deterministic);
@@ -28,65 +32,62 @@ missing one modality leaves only the tasks involving it (REFERENCES §3). The he
 is ``evaluate.target`` given ``evaluate.query``; with ``evaluate.sweep`` every target x every
 non-empty subset of the other modalities is evaluated as well (under ``"sweep"``).
 
-The model, its columns and its objective come from the checkpoint (a run id, a checkpoint
-folder or URI); the dataset defaults to the one the run trained on; the target defaults to
-the model's first column. The reference split (``evaluate.reference_split``, default
-``val``) of a dataset trained without a ``val`` split is the rows the run held out (its
-config's ``validation`` record). Results record where the reference rows came from
+The model, its columns and its objective come from the checkpoint (a run id, ``NAME@ALIAS``,
+a checkpoint folder or URI); the dataset defaults to the one the run trained on; the target
+defaults to the model's first column. The reference split (``evaluate.reference_split``,
+default ``val``) of a dataset trained without a ``val`` split is the rows the run held out
+(its config's ``validation`` record). Results record where the reference rows came from
 (``reference``) and, when there is no zero-shot, why (``zero_shot``).
+
+An evaluation (``metrics.json``) and an export (``embeddings.parquet``) are published
+artefacts named after the run. Each computes its recipe (the settings, the run's and the
+dataset's content ids, the scoring code) before loading the model, and returns the artefact
+that recipe already made, if any (``reused``; ``force`` redoes the work).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
-import tempfile
+import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from pipelines.config import ChorusConfig, EvalConfig, to_dict
-from pipelines.console import progress
+from pipelines.config import ChorusConfig, EvalConfig
+from pipelines.console import note, progress
 from pipelines.dataset import DatasetVersion, SplitTooSmall
-from pipelines.train.checkpoint import CONFIG_FILE, load_checkpoint
+from pipelines.recipes import recipe
+from pipelines.train.checkpoint import (
+    CONFIG_FILE,
+    CheckpointNotFound,
+    find_checkpoint,
+    load_checkpoint,
+)
 from pipelines.train.model import ChorusModel
 from pipelines.train.objectives import get_objective
+from pipelines.train.retrieval import (
+    Score,
+    class_chance,
+    retrieval_outcomes,
+    retrieve,
+    top_candidates,
+)
 from storage import fs, uris
-from storage.artefacts import ArtefactNotFound, Store
+from storage.artefacts import ArtefactNotFound, OutsideStore, Recipe, Store, content_id
 from storage.errors import UserError
-from storage.lineage import LineageRecord, digest_of
+from storage.lineage import LineageRecord
 from storage.lineage_events import LineageDataset, folder, lineage_run, published_dataset
+from storage.publish import Staging
 
-# (query features by modality, candidate features) -> (queries, candidates) scores
-Score = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
-
-
-def ranks_of_positives(scores: np.ndarray) -> np.ndarray:
-    """1-based rank of candidate i for query i; ties go to the lower candidate index."""
-    positive = np.diag(scores)[:, None]
-    higher = (scores > positive).sum(1)
-    index = np.arange(len(scores))
-    tied_before = ((scores == positive) & (index[None, :] < index[:, None])).sum(1)
-    return higher + tied_before + 1
-
-
-def retrieval_outcomes(
-    scores: np.ndarray, labels: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
-    """Per-query values whose means are the retrieval metrics (what the bootstrap resamples)."""
-    ranks = ranks_of_positives(scores)
-    outcomes = {f"R@{k}": (ranks <= k).astype(float) for k in (1, 5, 10)}
-    outcomes["mrr"] = 1.0 / ranks
-    outcomes["mean_rank"] = ranks.astype(float)
-    if labels is not None:
-        top1 = np.argmax(scores, axis=1)  # first maximum: lowest index wins ties
-        outcomes["class_accuracy"] = (labels[top1] == labels).astype(float)
-    return outcomes
+EVALUATION_FILE, EMBEDDINGS_FILE = "metrics.json", "embeddings.parquet"
 
 
 def summarise(outcomes: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -94,40 +95,6 @@ def summarise(outcomes: Mapping[str, np.ndarray]) -> dict[str, float]:
     metrics = {key: float(np.mean(values)) for key, values in outcomes.items()}
     metrics["median_rank"] = float(np.median(outcomes["mean_rank"]))
     return metrics
-
-
-def retrieval_metrics(scores: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
-    """R@1/5/10, MRR, mean/median rank; with labels also top-1 class accuracy and its chance."""
-    metrics = summarise(retrieval_outcomes(scores, labels))
-    metrics["R@1_chance"] = 1.0 / scores.shape[1]
-    if labels is not None:
-        metrics["class_chance"] = class_chance(labels)
-    return metrics
-
-
-def class_chance(labels: np.ndarray) -> float:
-    """Chance of ``class_accuracy``: how often a random candidate has the query's label."""
-    return float(np.mean((labels[:, None] == labels[None, :]).mean(1)))
-
-
-def k_candidate_wins(scores: np.ndarray, k: int = 10, seed: int = 0) -> np.ndarray | None:
-    """Per query: does the positive beat k-1 random other candidates? None if too few rows."""
-    n = len(scores)
-    if n < k:
-        return None
-    rng = np.random.default_rng(seed)
-    wins = np.zeros(n, dtype=bool)
-    for i in range(n):
-        negatives = rng.choice(n - 1, size=k - 1, replace=False)
-        negatives += negatives >= i  # skip the positive's own index
-        wins[i] = scores[i, i] > scores[i, negatives].max()
-    return wins
-
-
-def k_candidate_accuracy(scores: np.ndarray, k: int = 10, seed: int = 0) -> float:
-    """Symile-MIMIC protocol: the positive against k-1 random negatives per query (chance 1/k)."""
-    wins = k_candidate_wins(scores, k, seed)
-    return float("nan") if wins is None else float(wins.mean())
 
 
 def bootstrap_spread(
@@ -159,11 +126,6 @@ def class_prototypes(
     return classes, prototypes
 
 
-def zero_shot_outcomes(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Per query: is the highest-scoring class (first on ties) the query's label?"""
-    return (classes[np.argmax(scores, axis=1)] == labels).astype(float)
-
-
 def query_sets(target: str, modalities: Sequence[str]) -> list[tuple[str, ...]]:
     """Every non-empty subset of the modalities other than ``target``, smallest first."""
     others = [m for m in modalities if m != target]
@@ -181,6 +143,17 @@ class Embedded:
     def rows_with(self, names: Sequence[str]) -> np.ndarray:
         """Indices of the rows where every modality in ``names`` is present."""
         return np.flatnonzero(np.logical_and.reduce([self.present[n] for n in names]))
+
+    @classmethod
+    def from_table(cls, table: pa.Table, names: Sequence[str]) -> Embedded:
+        """From an :func:`embedding_table` of the modalities ``names`` (and maybe ``label``)."""
+        features, present = {}, {}
+        for name in names:
+            flat = table[name].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            features[name] = torch.from_numpy(flat.reshape(table.num_rows, -1).copy())
+            present[name] = table[f"{name}_present"].to_numpy().astype(bool)
+        labels = table["label"].to_numpy() if "label" in table.column_names else None
+        return cls(features, present, labels)
 
 
 def evaluate_task(
@@ -210,22 +183,19 @@ def evaluate_task(
     index = torch.as_tensor(rows)
     queries = {m: split.features[m][index] for m in query}
     queries |= {m: fill[m].expand(len(rows), -1) for m in left_out}
-    with torch.no_grad():
-        scores = score(queries, split.features[target][index]).double().numpy()
+    found = retrieve(score, queries, split.features[target][index], k=k, seed=seed)
     labels = None if split.labels is None else split.labels[rows]
-    outcomes = retrieval_outcomes(scores, labels)
+    outcomes = retrieval_outcomes(found, labels)
     entry["R@1_chance"] = 1.0 / len(rows)
     if labels is not None:
         entry["class_chance"] = class_chance(labels)
-    wins = k_candidate_wins(scores, k, seed)
-    if wins is not None:
-        outcomes[f"K{k}_accuracy"] = wins.astype(float)
+    if found.k_wins is not None:
+        outcomes[f"K{k}_accuracy"] = found.k_wins.astype(float)
         entry[f"K{k}_chance"] = 1.0 / k
     if labels is not None and prototypes and target in prototypes:
         classes, candidates = prototypes[target]
-        with torch.no_grad():
-            class_scores = score(queries, candidates).double().numpy()
-        outcomes["zero_shot_accuracy"] = zero_shot_outcomes(class_scores, labels, classes)
+        predicted = classes[top_candidates(score, queries, candidates)]
+        outcomes["zero_shot_accuracy"] = (predicted == labels).astype(float)
         entry["zero_shot_chance"] = 1.0 / len(classes)
     entry |= summarise(outcomes)
     entry["bootstrap"] = bootstrap_spread(outcomes, bootstrap, seed)
@@ -250,46 +220,85 @@ def sweep(
     return entries
 
 
-@contextmanager
-def local_checkpoint(uri: str):
-    """A local folder holding the checkpoint at ``uri`` (downloaded when remote)."""
-    if not uris.is_remote(uri):
-        yield Path(uri)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        for info in fs.list_files(uri):
-            Path(tmp, info.path.rsplit("/", 1)[-1]).write_bytes(
-                fs.read_bytes(fs.to_uri(uri, info.path))
-            )
-        yield Path(tmp)
+EMBED_BATCH = 256  # rows per model call
+_PART = "__part"  # which of the requested splits a row belongs to
 
 
 @torch.no_grad()
-def embed(model, data: dict[str, np.ndarray], batch_size: int = 256) -> dict[str, torch.Tensor]:
+def embed(model, data: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Every modality's embeddings of the rows in ``data`` (numeric columns only are read)."""
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in model.towers}
-    n = len(data["id"])
-    for start in range(0, n, batch_size):
+    for start in range(0, len(data["id"]), EMBED_BATCH):
         batch = {
-            key: torch.as_tensor(values[start : start + batch_size])
+            key: torch.as_tensor(values[start : start + EMBED_BATCH])
             for key, values in data.items()
-            if values.dtype.kind != "O"
+            if values.dtype.kind not in "OUS"
         }
         for name, features in model(batch)["features"].items():
             chunks[name].append(features)
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
-def embed_split(model, data: dict[str, np.ndarray]) -> Embedded:
-    """Embeddings of every modality with presence flags (absent flag: present) and labels."""
+def embedding_table(model, data: Mapping[str, np.ndarray], carry: Sequence[str] = ()) -> pa.Table:
+    """``id``, per modality its embeddings (fixed-size lists) and ``<name>_present`` (absent
+    flag: present), then the ``carry`` columns as they are: what ``chorus embed`` exports."""
     features = embed(model, data)
-    n = len(data["id"])
-    present = {
-        name: data[f"{name}_present"].astype(bool)
-        if f"{name}_present" in data
-        else np.ones(n, dtype=bool)
-        for name in features
-    }
-    return Embedded(features, present, data.get("label"))
+    columns = {"id": pa.array(data["id"].tolist(), pa.string())}
+    for name, values in features.items():
+        flat = pa.array(values.numpy().ravel())
+        columns[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+        present = data.get(f"{name}_present")
+        present = np.ones(len(values), dtype=bool) if present is None else present.astype(bool)
+        columns[f"{name}_present"] = pa.array(present, pa.bool_())
+    return pa.table(columns | {key: pa.array(data[key]) for key in carry})
+
+
+class EmbedBatch:
+    """Ray Data transform (one per actor): dataset rows -> :func:`embedding_table`. The model
+    is loaded once, in the actor, from the checkpoint's URI (local or ``s3://``)."""
+
+    def __init__(self, checkpoint_uri: str, carry: Sequence[str] = ()):
+        self.model = load_checkpoint(checkpoint_uri)[0]
+        self.carry = list(carry)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return embedding_table(self.model, batch, self.carry)
+
+
+def embed_rows(
+    dataset: DatasetVersion,
+    splits: Sequence[str],
+    checkpoint_uri: str,
+    columns: Sequence[str],
+    carry: Sequence[str] = (),
+) -> list[pa.Table]:
+    """Each split's :func:`embedding_table`, rows sorted by id, computed by one pool of Ray
+    actors (:class:`EmbedBatch`) that read the shards themselves: this process holds the
+    embeddings it gets back, never a split's raw inputs. ``columns``: what the model reads."""
+    import ray
+    from ray.data.expressions import lit
+
+    from pipelines.runtime import available_cpus, ensure_ray
+
+    ensure_ray()
+    wanted = ["id", *columns, *carry]
+    parts = [dataset.read(s, wanted).with_column(_PART, lit(i)) for i, s in enumerate(splits)]
+    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    batches = math.ceil(sum(dataset.split_size(s) for s in splits) / EMBED_BATCH)
+    embedded = rows.map_batches(
+        EmbedBatch,
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "carry": [*carry, _PART]},
+        batch_size=EMBED_BATCH,
+        batch_format="numpy",
+        zero_copy_batch=False,  # torch wants writable arrays
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(available_cpus(), batches))),
+        num_cpus=1,
+    )
+    table = pa.concat_tables(embedded.iter_batches(batch_format="pyarrow", batch_size=None))
+    return [
+        table.filter(pc.equal(table[_PART], i)).drop_columns([_PART]).sort_by("id")
+        for i in range(len(splits))
+    ]
 
 
 def modality_means(embedded: Embedded) -> dict[str, torch.Tensor]:
@@ -315,33 +324,52 @@ def reference_prototypes(
     return prototypes
 
 
-class CheckpointNotFound(UserError, LookupError):
-    """The CHECKPOINT named is neither a run id nor a checkpoint folder or URI."""
-
-
 class EvaluationSetupError(UserError, ValueError):
     """An evaluation setting does not fit the model (the message names the field)."""
 
 
-def resolve_checkpoint(store: Store, reference: str) -> str:
-    """The checkpoint URI named by ``reference``: a run id (its lineage record holds the
-    checkpoint it selected), a checkpoint URI, or a local checkpoint folder."""
-    if "/" not in reference:  # a run id (a folder in the current directory also qualifies)
-        try:
-            record = store.lineage(reference)
-        except ArtefactNotFound:
-            record = None
-        if record is not None and record["kind"] == "run":
-            return record["uri"]
-        if record is not None:
-            raise CheckpointNotFound(f"{reference!r} is a {record['kind']}, not a run")
-    uri = uris.normalise(reference)
-    if fs.exists(uris.join(uri, CONFIG_FILE)):
-        return uri
-    raise CheckpointNotFound(
-        f"no run or checkpoint {reference!r} in {store.root}: pass a run id "
-        "(`chorus artefacts list --kind run`), a checkpoint folder or its URI"
-    )
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder and the published run it belongs to (None: a folder from outside
+    the store, e.g. one downloaded with ``chorus artefacts get``)."""
+
+    uri: str
+    run: LineageRecord | None
+
+    def content_id(self) -> str:
+        """The run's content id; outside the store, the digest of the folder's files."""
+        if self.run is not None:
+            return self.run.content_id or self.run.id
+        base = fs.filesystem(self.uri)[1]
+        files = [
+            (info.path[len(base) :].lstrip("/"), fs.sha256(fs.to_uri(self.uri, info.path)))
+            for info in fs.list_files(self.uri)
+        ]
+        return content_id("run", files)
+
+
+def resolve_checkpoint(store: Store, reference: str) -> Checkpoint:
+    """The checkpoint ``reference`` names: a run's id, ``NAME@ALIAS`` or name (the run's
+    selected checkpoint), or a run or checkpoint folder or URI (one in the store finds its
+    run)."""
+    if "/" in reference or Path(reference).exists():
+        uri = find_checkpoint(uris.normalise(reference))
+        return Checkpoint(uri, _run_holding(store, uri))
+    try:
+        run = store.resolve(reference, kind="run")
+    except ArtefactNotFound as exc:
+        raise CheckpointNotFound(
+            f"{exc}; pass a run id or NAME@ALIAS (`chorus artefacts ls --kind run`), a run "
+            "or checkpoint folder, or its URI"
+        ) from None
+    return Checkpoint(find_checkpoint(run.uri), run)
+
+
+def _run_holding(store: Store, uri: str) -> LineageRecord | None:
+    try:
+        return store.resolve(uri, kind="run")
+    except (ArtefactNotFound, OutsideStore):
+        return None
 
 
 def run_view(dataset: DatasetVersion, config: dict[str, Any]) -> DatasetVersion:
@@ -355,22 +383,71 @@ def run_view(dataset: DatasetVersion, config: dict[str, Any]) -> DatasetVersion:
 
 @dataclass(frozen=True)
 class Opened:
-    """What an evaluation or an export works on, resolved from the command's arguments."""
+    """What an evaluation or an export works on, resolved from the command's arguments
+    before any work. The model is loaded on first use: not at all when the work is reused."""
 
     store: Store
-    checkpoint_uri: str
-    dataset: DatasetVersion
-    model: ChorusModel
+    checkpoint: Checkpoint
+    dataset: DatasetVersion  # as the run saw it (:func:`run_view`)
+    source: LineageRecord  # the dataset's record
     config: dict[str, Any]  # the checkpoint's run config
 
+    @functools.cached_property
+    def model(self) -> ChorusModel:
+        return load_checkpoint(self.checkpoint.uri)[0]  # reads a remote checkpoint in place
 
-def open_checkpoint(checkpoint: str, dataset_id: str | None, cfg: ChorusConfig) -> Opened:
-    """The model rebuilt from its checkpoint and the dataset (default: the one it trained on)."""
+    @functools.cached_property
+    def content(self) -> tuple[str, str]:
+        """The recipe's inputs: the content ids of the run and of the dataset."""
+        return self.checkpoint.content_id(), self.source.content_id or self.source.id
+
+    def name(self, kind: str) -> str:
+        """``<run name>.<kind>``: an evaluation or embedding is named after its run (a
+        checkpoint from outside the store: as its run would be named). Names are one
+        namespace across kinds, so the run's own ``NAME@latest`` stays the run."""
+        run = self.checkpoint.run
+        if run is not None and run.name:
+            return f"{run.name}.{kind}"
+        return f"{self.source.name or self.source.id}-{self.config['objective']}.{kind}"
+
+    def inputs(self) -> list[LineageRecord | dict[str, str]]:
+        """The records' ``inputs``: the run (or the outside checkpoint) and the dataset."""
+        run, made_from = self.checkpoint.run, self.content[0]
+        outside = {"id": made_from, "kind": "run", "uri": self.checkpoint.uri}
+        return [run or outside | {"content_id": made_from}, self.source]
+
+
+def open_checkpoint(checkpoint: str, dataset: str | None, cfg: ChorusConfig) -> Opened:
+    """The checkpoint and the dataset (an id or ``NAME@ALIAS``; default: the one it trained
+    on), resolved without loading the model."""
     store = Store.open(cfg.store, create=False)
-    uri = resolve_checkpoint(store, checkpoint)
-    model, config = load_checkpoint(uri)  # reads a remote checkpoint in place
-    dataset = DatasetVersion.open(store, dataset_id or config["dataset_id"])
-    return Opened(store, uri, run_view(dataset, config), model, config)
+    found = resolve_checkpoint(store, checkpoint)
+    config = fs.read_json(uris.join(found.uri, CONFIG_FILE))
+    source = store.resolve(dataset or config["dataset_id"], kind="dataset")
+    version = run_view(DatasetVersion.open(store, source.id), config)
+    return Opened(store, found, version, source, config)
+
+
+def reusable(store: Store, made: Recipe, force: bool) -> LineageRecord | None:
+    """The published artefact ``made`` already made (None with ``force``), said on the
+    console; every stage of this module and the report ask it before any work."""
+    record = None if force else store.reusable(made)
+    if record is not None:
+        note(f"reused {record.kind} {record.id} (same inputs, config and code; --force recomputes)")
+    return record
+
+
+def _publish(opened: Opened, staging: Staging, kind: str, made: Recipe, metrics) -> LineageRecord:
+    """Publish what ``staging`` holds as the ``kind`` made by ``made`` from ``opened``."""
+    return opened.store.publish(
+        staging,
+        kind=kind,
+        name=opened.name(kind),
+        inputs=opened.inputs(),
+        config=dict(made.parameters),
+        metrics=metrics,
+        recipe=made,
+    ).record
 
 
 def _require_rows(dataset: DatasetVersion, split: str, field: str) -> None:
@@ -382,60 +459,51 @@ def _require_rows(dataset: DatasetVersion, split: str, field: str) -> None:
 
 
 def export_embeddings(
-    checkpoint: str, dataset_id: str | None, cfg: ChorusConfig, split: str | None = None
+    checkpoint: str,
+    dataset_id: str | None,
+    cfg: ChorusConfig,
+    split: str | None = None,
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
     """``id`` + per modality an embedding column and a ``<column>_present`` flag (an absent
-    value's embedding is the model's learned "missing" vector), as Parquet with lineage."""
+    value's embedding is the model's learned "missing" vector), published as Parquet; the
+    same checkpoint, dataset and split exported before is reused (``force``: exported again)."""
     opened = open_checkpoint(checkpoint, dataset_id, cfg)
+    field = "--split" if split else "evaluate.split"
+    split = split or cfg.evaluate.split
+    made = recipe("embed", {"split": split}, opened.content)
     with lineage_run(opened.store, "embed", _lineage_inputs(opened)) as run:
-        result = _export(opened, cfg, split)
-        run.output(
-            folder(result["uri"], kind="embedding", id=result["embedding"], rows=result["rows"])
-        )
-    return result
+        record = reusable(opened.store, made, force)
+        reused = record is not None
+        if record is None:
+            record = _export(opened, split, field, made)
+        rows = record.metrics["rows"]
+        run.output(folder(record.uri, kind="embedding", id=record.id, rows=rows))
+    return {"embedding": record.id, "uri": record.uri, "rows": rows, "reused": reused}
 
 
 def _lineage_inputs(opened: Opened) -> list[LineageDataset]:
-    """The checkpoint (named by its URI: the lineage graph finds its run) and the dataset."""
-    dataset = opened.dataset
-    checkpoint = LineageDataset(uri=opened.checkpoint_uri, kind="run")
+    """The checkpoint (by its run's id; from outside the store, by its URI) and the dataset."""
+    dataset, run = opened.dataset, opened.checkpoint.run
+    checkpoint = LineageDataset(uri=opened.checkpoint.uri, kind="run", id=run and run.id)
     return [checkpoint, published_dataset(dataset.uri, dataset.manifest)]
 
 
-def _export(opened: Opened, cfg: ChorusConfig, split: str | None) -> dict[str, Any]:
-    """:func:`export_embeddings` of an opened checkpoint."""
-    import pyarrow as pa
+def _export(opened: Opened, split: str, field: str, made: Recipe) -> LineageRecord:
+    """:func:`export_embeddings` of an opened checkpoint: embed, stage, publish."""
     import pyarrow.parquet as pq
 
-    dataset, model = opened.dataset, opened.model
-    field = "--split" if split else "evaluate.split"
-    split = split or cfg.evaluate.split
+    dataset = opened.dataset
     _require_rows(dataset, split, field)
-    data = dataset.to_numpy(split, model.tensor_columns())
-    embedded = embed_split(model, data)
-    columns = {"id": pa.array(data["id"].tolist(), pa.string())}
-    for name, values in embedded.features.items():
-        columns[name] = pa.FixedSizeListArray.from_arrays(
-            pa.array(values.numpy().ravel()), values.shape[1]
-        )
-        columns[f"{name}_present"] = pa.array(embedded.present[name], pa.bool_())
-    embedding_id = f"em-{digest_of(opened.checkpoint_uri, dataset.id, split)[:12]}"
-    target = opened.store.uri("embeddings", embedding_id)
+    table = embed_dataset(opened, split)
+    staging = opened.store.begin()
     sink = io.BytesIO()
-    pq.write_table(pa.table(columns), sink)
-    fs.write_bytes(uris.join(target, "embeddings.parquet"), sink.getvalue())
-    dim = int(next(iter(embedded.features.values())).shape[1])
-    opened.store.record(
-        LineageRecord(
-            id=embedding_id,
-            kind="embedding",
-            uri=target,
-            inputs=[{"uri": opened.checkpoint_uri}, {"id": dataset.id, "uri": dataset.uri}],
-            config={"split": split, "rows_from": dataset.split_record(split)},
-            metrics={"rows": len(data["id"]), "dim": dim},
-        )
-    )
-    return {"embedding": embedding_id, "uri": target, "rows": len(data["id"])}
+    pq.write_table(table, sink)
+    fs.write_bytes(staging.path(EMBEDDINGS_FILE), sink.getvalue())
+    dim = table.schema.field(1).type.list_size  # the first modality's embeddings
+    metrics = {"rows": table.num_rows, "dim": dim, "rows_from": dataset.split_record(split)}
+    return _publish(opened, staging, "embedding", made, metrics)
 
 
 def headline_task(settings: EvalConfig, modalities: Sequence[str]) -> tuple[str, list[str]]:
@@ -458,39 +526,42 @@ def headline_task(settings: EvalConfig, modalities: Sequence[str]) -> tuple[str,
     return target, query
 
 
-def _reference(dataset: DatasetVersion, model, settings: EvalConfig, columns: list[str]):
-    """The reference split's embeddings and where its rows come from (None, None: none)."""
-    name = settings.reference_split
-    if name is None or dataset.split_size(name) == 0:
-        return None, None
-    return embed_split(model, dataset.to_numpy(name, columns)), dataset.split_record(name)
+def embed_dataset(opened: Opened, split: str) -> pa.Table:
+    """The :func:`embedding_table` of a split (rows sorted by id), computed on Ray."""
+    columns = opened.model.tensor_columns()
+    return embed_rows(opened.dataset, [split], opened.checkpoint.uri, columns)[0]
 
 
-def evaluate(checkpoint: str, dataset_id: str | None, cfg: ChorusConfig) -> dict[str, Any]:
-    """The headline task (and the sweep) on ``cfg.evaluate.split``; stored with lineage.
+def _embedded_splits(
+    opened: Opened, settings: EvalConfig, labelled: bool
+) -> tuple[Embedded, Embedded | None, dict[str, Any] | None]:
+    """The evaluated split's and the reference split's embeddings (one Ray pass for both),
+    and where the reference rows come from (None, None: no reference split)."""
+    dataset, names = opened.dataset, [settings.split]
+    reference = settings.reference_split
+    if reference is not None and dataset.split_size(reference) == 0:
+        reference = None
+    if reference is not None and reference not in names:
+        names.append(reference)
+    carry = ["label"] if labelled else []
+    columns = opened.model.tensor_columns()
+    tables = embed_rows(dataset, names, opened.checkpoint.uri, columns, carry)
+    embedded = [Embedded.from_table(table, list(opened.model.towers)) for table in tables]
+    if reference is None:
+        return embedded[0], None, None
+    return embedded[0], embedded[names.index(reference)], dataset.split_record(reference)
 
-    ``checkpoint``: a run id, checkpoint URI or folder; ``dataset_id`` defaults to the
-    dataset the run trained on. Model, columns and objective come from the checkpoint.
-    """
-    opened = open_checkpoint(checkpoint, dataset_id, cfg)
-    with lineage_run(opened.store, "evaluate", _lineage_inputs(opened)) as run:
-        result = _evaluate(opened, cfg)
-        run.output(folder(result["uri"], kind="evaluation", id=result["evaluation"]))
-    return result
 
-
-def _evaluate(opened: Opened, cfg: ChorusConfig) -> dict[str, Any]:
-    """:func:`evaluate` of an opened checkpoint."""
-    settings = cfg.evaluate
+def evaluation_metrics(opened: Opened, settings: EvalConfig) -> dict[str, Any]:
+    """Everything an evaluation reports: the headline task and, with ``evaluate.sweep``,
+    every task; blocked retrieval (:mod:`pipelines.train.retrieval`) on one embedding pass."""
     dataset, model, config = opened.dataset, opened.model, opened.config
     modalities = list(model.towers)
     target, query = headline_task(settings, modalities)
     _require_rows(dataset, settings.split, "evaluate.split")
     objective = get_objective(config["objective"], **config["objective_options"])
     has_label = any(f["name"] == "label" for f in dataset.manifest["schema"])
-    columns = model.tensor_columns() + (["label"] if has_label else [])
-    split = embed_split(model, dataset.to_numpy(settings.split, columns))
-    reference, reference_record = _reference(dataset, model, settings, columns)
+    split, reference, reference_record = _embedded_splits(opened, settings, has_label)
     targets = modalities if settings.sweep else [target]
     prototypes = {}
     if has_label and reference is not None:
@@ -503,7 +574,6 @@ def _evaluate(opened: Opened, cfg: ChorusConfig) -> dict[str, Any]:
 
     options = {"k": settings.k_candidates, "bootstrap": settings.bootstrap}
     options |= {"prototypes": prototypes, "fill": means if settings.marginalise else None}
-    resolved = to_dict(cfg)["evaluate"] | {"target": target, "query": query}
     metrics: dict[str, Any] = {
         "objective": config["objective"],
         "dataset": dataset.id,
@@ -521,17 +591,41 @@ def _evaluate(opened: Opened, cfg: ChorusConfig) -> dict[str, Any]:
         bar.update()
         if settings.sweep:
             metrics["sweep"] = sweep(split, modalities, score, on_task=bar.update, **options)
-    eval_id = f"ev-{digest_of(opened.checkpoint_uri, dataset.id, resolved)[:12]}"
-    target_uri = opened.store.evaluation_uri(eval_id)
-    fs.write_json(uris.join(target_uri, "metrics.json"), metrics)
-    opened.store.record(
-        LineageRecord(
-            id=eval_id,
-            kind="evaluation",
-            uri=target_uri,
-            inputs=[{"uri": opened.checkpoint_uri}, {"id": dataset.id, "uri": dataset.uri}],
-            config=resolved | {"reference": reference_record},
-            metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
-        )
-    )
-    return {"evaluation": eval_id, "uri": target_uri, **metrics}
+    return metrics
+
+
+def evaluation_recipe(settings: EvalConfig, inputs: Sequence[str]) -> Recipe:
+    """How an evaluation is made: its settings, on (the run's content id, the dataset's)."""
+    return recipe("evaluate", settings.model_dump(mode="json"), inputs)
+
+
+def evaluate(
+    checkpoint: str, dataset_id: str | None, cfg: ChorusConfig, *, force: bool = False
+) -> dict[str, Any]:
+    """The headline task (and the sweep) on ``cfg.evaluate.split``, published as
+    ``metrics.json``; an evaluation of the same run and dataset with the same settings and
+    code is reused (``reused``; ``force`` evaluates again).
+
+    ``checkpoint``: a run id, ``NAME@ALIAS``, checkpoint URI or folder; ``dataset_id`` (an id
+    or ``NAME@ALIAS``) defaults to the dataset the run trained on. Model, columns and
+    objective come from the checkpoint.
+    """
+    opened = open_checkpoint(checkpoint, dataset_id, cfg)
+    made = evaluation_recipe(cfg.evaluate, opened.content)
+    with lineage_run(opened.store, "evaluate", _lineage_inputs(opened)) as run:
+        record = reusable(opened.store, made, force)
+        reused = record is not None
+        if record is None:
+            record = _evaluate(opened, cfg, made)
+        run.output(folder(record.uri, kind="evaluation", id=record.id))
+    metrics = fs.read_json(uris.join(record.uri, EVALUATION_FILE))
+    return {"evaluation": record.id, "uri": record.uri, **metrics, "reused": reused}
+
+
+def _evaluate(opened: Opened, cfg: ChorusConfig, made: Recipe) -> LineageRecord:
+    """:func:`evaluate` of an opened checkpoint: score, stage, publish."""
+    metrics = evaluation_metrics(opened, cfg.evaluate)
+    staging = opened.store.begin()
+    fs.write_json(staging.path(EVALUATION_FILE), metrics)
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return _publish(opened, staging, "evaluation", made, numbers)

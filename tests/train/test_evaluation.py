@@ -28,9 +28,7 @@ from pipelines.train.evaluate import (
     modality_means,
     query_sets,
     resolve_checkpoint,
-    retrieval_outcomes,
     sweep,
-    zero_shot_outcomes,
 )
 from pipelines.train.objectives import get_objective
 from storage import fs
@@ -106,8 +104,6 @@ def test_k_candidate_protocol_needs_a_strict_win():
 def test_scores_come_from_the_objective():
     # Symile's score is the multilinear product: for query {a, b} the matrix is A * B.
     symile = evaluate_task(_split(), "t", ["a", "b"], _scorer("symile"), k=4, bootstrap=0)
-    expected = retrieval_outcomes(np.array(A) * np.array(B))
-    assert symile["R@1"] == expected["R@1"].mean()
     # A * B has row 0 all zero: still rank 1 (tie), but not a strict K-candidate win
     assert symile["R@1"] == 1.0 and symile["K4_accuracy"] == 0.75
 
@@ -126,8 +122,10 @@ def test_zero_shot_uses_class_prototypes():
     # though its top-1 instance (candidate 0) is of the wrong class
     assert b["zero_shot_accuracy"] == 1.0 and b["class_accuracy"] == 0.75
     assert b["zero_shot_chance"] == 0.5
-    # a label the reference split never saw cannot be predicted
-    assert list(zero_shot_outcomes(np.ones((2, 2)), np.array([0, 7]), classes)) == [1.0, 0.0]
+    # a label the reference split never saw cannot be predicted: only class 0 has a prototype
+    only_0 = {"t": (classes[:1], prototypes[:1])}
+    b = evaluate_task(_split(), "t", ["b"], CLIP, bootstrap=0, prototypes=only_0)
+    assert b["zero_shot_accuracy"] == 0.5
 
 
 def test_rows_missing_a_modality_leave_only_the_tasks_involving_it():
@@ -162,8 +160,7 @@ def test_left_out_modalities_are_averaged_over():
     assert b["marginalised"] == ["a"]
     # row 3: [0.3, 0, 0.25, 0.25] * [0.45, 0.2, 0.125, 0.275] puts candidate 0 first
     assert b["mean_rank"] == 1.25 and b["R@1"] == 0.75
-    expected = retrieval_outcomes(np.array(B) * torch.tensor(A).mean(0).numpy())
-    assert b["mrr"] == pytest.approx(expected["mrr"].mean())
+    assert b["mrr"] == pytest.approx((3 + 1 / 2) / 4)  # ranks 1, 1, 1, 2
     entries = sweep(_split(), ["a", "b", "t"], CLIP, fill=full)
     assert [e["marginalised"] for e in entries if e["target"] == "t"] == [["b"], ["a"], []]
 
@@ -178,6 +175,31 @@ def test_bootstrap_spread_resamples_queries():
     task = evaluate_task(_split(), "t", ["a"], CLIP, bootstrap=10)
     assert set(task["bootstrap"]) >= {"R@1_std", "mrr_std", "class_accuracy_std"}
     json.dumps(task)  # evaluation results are stored as JSON
+
+
+def test_ray_actors_embed_each_split_as_the_model_does_in_process(ingested, tmp_path):
+    from pipelines.dataset import DatasetVersion
+    from pipelines.train.checkpoint import build_model, save
+    from pipelines.train.evaluate import embed, embed_rows
+    from pipelines.train.launch import run_config_for, training_view
+
+    cfg, manifest = ingested
+    dataset = training_view(DatasetVersion.open(Store.open(cfg.store), manifest["id"]), cfg.train)
+    config = run_config_for(dataset, cfg, "symile", {})
+    model = build_model(config).eval()
+    save(tmp_path, model, {}, {}, config, [])  # a checkpoint of the untrained model
+    columns = model.tensor_columns()
+
+    tables = embed_rows(dataset, ["test", "val"], str(tmp_path), columns, carry=["label"])
+
+    for split, table in zip(["test", "val"], tables, strict=True):
+        data = dataset.to_numpy(split, [*columns, "label"])  # rows sorted by id, as the tables
+        assert table["id"].to_pylist() == data["id"].tolist()
+        embedded = Embedded.from_table(table, list(model.towers))
+        np.testing.assert_array_equal(embedded.labels, data["label"])
+        for name, features in embed(model, data).items():
+            torch.testing.assert_close(embedded.features[name], features)
+            np.testing.assert_array_equal(embedded.present[name], data[f"{name}_present"])
 
 
 def test_eval_config_checks_the_query(debug_config):
@@ -207,27 +229,43 @@ def _evaluation(objective: str, query_a: list, name: str) -> dict:
     }
 
 
-def test_report_writes_markdown_plots_and_summary(debug_config, tmp_path):
+def test_report_writes_markdown_plots_and_summary(debug_config):
     cfg = debug_config()
+    store = Store.open(cfg.store)
+    _published(store, "dataset", "demo", {"manifest.json": "{}"}, id="ds-test")
     runs = {}
     for objective in ("symile", "clip"):
-        checkpoint = tmp_path / objective
-        checkpoint.mkdir()
         history = [{"step": s, "loss": 3.0 / s, "logit_scale": 14.0 + s} for s in (1, 2, 3)]
-        curve = checkpoint / "metrics.jsonl"
-        curve.write_text("\n".join(map(json.dumps, history)))
+        curve = "\n".join(map(json.dumps, history))
+        run = _published(store, "run", f"demo-{objective}", {"metrics.jsonl": curve})
         runs[objective] = {
-            "run": f"run-{objective}",
-            "checkpoint": str(checkpoint),
-            "metrics_uri": str(curve),
+            "run": run.id,
+            "checkpoint": f"{run.uri}/checkpoint",
+            "metrics_uri": f"{run.uri}/metrics.jsonl",
+            "reused": False,
         }
     evaluations = {
         "symile": _evaluation("symile", A, "symile"),
         "clip": _evaluation("clip", B, "clip"),
     }
+    for objective, evaluation in evaluations.items():
+        _published(store, "evaluation", f"demo-{objective}", {"metrics.json": "{}"},
+                   id=evaluation["evaluation"])  # fmt: skip
     dataset = {"id": "ds-test", "summary": {}, "rows": 4, "quarantine": {"rows": 0}}
 
     summary = report.write(cfg, dataset, runs, evaluations)
+
+    record = store.resolve("demo.report")  # named after the dataset
+    assert (record.id, record.uri) == (summary["report"], summary["uri"])
+    assert [entry["id"] for entry in record.inputs] == [
+        "ds-test", runs["symile"]["run"], runs["clip"]["run"], "ev-symile", "ev-clip"
+    ]  # fmt: skip
+    assert not summary["reused"] and "reused" not in summary["runs"]["clip"]
+    # the inputs reused this time: the same report, not drawn again; --force draws it again
+    runs = {objective: run | {"reused": True} for objective, run in runs.items()}
+    again = report.write(cfg, dataset, runs, evaluations)
+    assert again["reused"] and again["report"] == summary["report"]
+    assert not report.write(cfg, dataset, runs, evaluations, force=True)["reused"]
 
     for name in ("comparison.png", "sweep.png", "training.png"):
         assert fs.read_bytes(f"{summary['uri']}/{name}").startswith(b"\x89PNG")
@@ -264,19 +302,34 @@ def test_headline_task_defaults_to_the_models_columns_and_names_the_field():
         headline_task(EvalConfig(target="photo", query=["audio"]), modalities)
 
 
-def test_a_checkpoint_is_a_run_id_a_folder_or_a_uri(tmp_path):
+def _published(store: Store, kind: str, name: str, files: dict, **fields) -> LineageRecord:
+    """A published artefact holding ``files`` (path -> text), made by no recipe."""
+    staging = store.begin()
+    for path, text in files.items():
+        fs.write_bytes(staging.path(path), text.encode())
+    fields = {"inputs": [], "config": {}, "metrics": {}, "recipe": None} | fields
+    return store.publish(staging, kind=kind, name=name, **fields).record
+
+
+def test_a_checkpoint_is_a_run_id_a_name_a_folder_or_a_uri(tmp_path):
     store = Store.open(str(tmp_path / "store"))
-    folder = tmp_path / "checkpoint_000003"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    store.record(LineageRecord(id="ds-x-clip-1234", kind="run", uri=str(folder)))
-    store.record(LineageRecord(id="ds-x", kind="dataset", uri=str(tmp_path)))
-    assert resolve_checkpoint(store, "ds-x-clip-1234") == str(folder)
-    assert resolve_checkpoint(store, str(folder)) == str(folder)
-    assert resolve_checkpoint(store, f"file://{folder}") == str(folder)
-    with pytest.raises(CheckpointNotFound, match="'ds-x' is a dataset, not a run"):
+    run = _published(store, "run", "demo-clip", {"checkpoint/config.json": "{}"})
+    _published(store, "dataset", "demo", {"manifest.json": "{}"}, id="ds-x")
+    inside = f"{run.uri}/checkpoint"
+    for reference in (run.id, "demo-clip@latest", "demo-clip", run.uri, inside, f"file://{inside}"):
+        found = resolve_checkpoint(store, reference)
+        assert (found.uri, found.run.id) == (inside, run.id), reference
+        assert found.content_id() == run.content_id
+    outside = tmp_path / "checkpoint_000003"  # e.g. downloaded: no run, its files' digest
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    found = resolve_checkpoint(store, str(outside))
+    assert found.uri == str(outside) and found.run is None
+    assert found.content_id() == resolve_checkpoint(store, str(outside)).content_id()
+    assert found.content_id() != run.content_id  # another layout: other files
+    with pytest.raises(CheckpointNotFound, match=r"'ds-x' is .*dataset, not .*run"):
         resolve_checkpoint(store, "ds-x")
-    with pytest.raises(CheckpointNotFound, match=r"no run or checkpoint 'ds-y-clip'.*--kind run"):
-        resolve_checkpoint(store, "ds-y-clip")
-    with pytest.raises(CheckpointNotFound, match="no run or checkpoint"):
+    with pytest.raises(CheckpointNotFound, match=r"no artefact 'demo-y'.*NAME@ALIAS"):
+        resolve_checkpoint(store, "demo-y")
+    with pytest.raises(CheckpointNotFound, match="no checkpoint"):
         resolve_checkpoint(store, str(tmp_path))  # a folder without a checkpoint's config
