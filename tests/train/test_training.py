@@ -14,13 +14,7 @@ import torch
 from pipelines.config import ConfigError, EvalConfig
 from pipelines.dataset import DatasetVersion, SplitTooSmall
 from pipelines.train.checkpoint import METRICS_FILE, build_model, load_checkpoint
-from pipelines.train.evaluate import (
-    evaluate,
-    export_embeddings,
-    k_candidate_accuracy,
-    ranks_of_positives,
-    retrieval_metrics,
-)
+from pipelines.train.evaluate import evaluate, export_embeddings
 from pipelines.train.launch import holdout_note, run_config_for, train, training_view
 from storage.artefacts import Store
 
@@ -72,25 +66,6 @@ def test_siglip_model_gets_a_bias():
     assert _model().logit_bias is None
 
 
-def test_ranks_break_ties_by_candidate_index():
-    scores = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
-    assert list(ranks_of_positives(scores)) == [1, 2, 2]
-
-
-def test_retrieval_metrics_on_a_hand_built_matrix():
-    scores = np.array(
-        [[0.9, 0.1, 0.0, 0.0], [0.8, 0.5, 0.1, 0.0], [0.0, 0.0, 0.1, 0.7], [0.1, 0.2, 0.3, 0.4]]
-    )
-    labels = np.array([0, 0, 1, 1])
-    m = retrieval_metrics(scores, labels)
-    # ranks of the positives: 1, 2, 2, 1
-    assert m["R@1"] == 0.5 and m["R@5"] == 1.0
-    assert m["mrr"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
-    assert m["mean_rank"] == 1.5 and m["median_rank"] == 1.5
-    # top-1 candidates: 0, 0, 3, 3 -> labels 0, 0, 1, 1: all right
-    assert m["class_accuracy"] == 1.0 and m["class_chance"] == 0.5
-
-
 def _bare_version(folder: Path, splits: dict[str, int]) -> DatasetVersion:
     """A dataset version of ids and splits only, laid out as ingest writes one."""
     (folder / "datasets" / "ds-bare" / "shards").mkdir(parents=True)
@@ -131,14 +106,6 @@ def test_training_holds_out_val_rows_and_checks_sizes_before_any_work(tmp_path, 
         run_config_for(view, frozen, "clip", {})
     with pytest.raises(SplitTooSmall, match="no 'train' rows"):
         training_view(_bare_version(tmp_path / "t", {"test": 20}), cfg.train)
-
-
-def test_k_candidate_protocol():
-    perfect = np.eye(30)
-    assert k_candidate_accuracy(perfect, 10) == 1.0
-    assert k_candidate_accuracy(-perfect, 10) == 0.0
-    rng = np.random.default_rng(0)
-    assert abs(k_candidate_accuracy(rng.random((400, 400)), 10) - 0.1) < 0.05
 
 
 @pytest.mark.slow
