@@ -1,4 +1,4 @@
-"""Benchmark the Ray Data ingest against a single-process loop doing the same work.
+"""Benchmark the Ray ingest against a single-process loop doing the same work.
 
     .venv/bin/python bench/ingest.py [--size N] [--seed S] [--cpus C] [--json]
     .venv/bin/python bench/ingest.py --incremental [--size N] [--growth G] [--cpus C] [--json]
@@ -22,7 +22,7 @@ Memory: a thread in each subprocess polls its process tree every 0.2 s (children
 the parent pid in ``/proc/*/stat``): with a local Ray, the driver, gcs_server, raylet, the
 agents and every worker. Reported: the peak of the summed ``VmRSS`` (pages shared by several
 processes count once per process), the peak of the object store's pages (blocks allocated to
-raylet's unlinked /dev/shm/plasma file, where Ray Data keeps its blocks) and the driver's
+raylet's unlinked /dev/shm/plasma file, Ray's objects: blocks, metadata rows) and the driver's
 ``VmHWM`` after a ``/proc/self/clear_refs`` reset. A sample costs ~3 ms of CPU (``Pss`` from
 ``smaps_rollup`` would cost ~60 ms for a Ray tree, a quarter of a core at 5 Hz: left out).
 Timings swing on a shared machine: compare ratios within one run, and ``cpu_s`` (summed
