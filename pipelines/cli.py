@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -73,33 +74,26 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import console, demo_data, report
     from pipelines.config import check_objectives
-    from pipelines.runtime import configure_prefect_defaults
 
     cfg = _load_config(args)
     check_objectives(cfg)
-    configure_prefect_defaults()
     folder = Path(DEMO_DATA_DIR, f"size{cfg.demo.size}-seed{cfg.demo.seed}")
     manifest = folder / "manifest.csv"
     if not manifest.exists():
         console.note(f"generating {cfg.demo.size} demo records in {folder}")
         demo_data.generate(folder, size=cfg.demo.size, seed=cfg.demo.seed, progress=True)
-    from pipelines.flows import end_to_end
-
-    summary = end_to_end(str(manifest.resolve()), cfg, dict(cfg.demo.objectives))
+    objectives = dict(cfg.demo.objectives)
+    summary = _flows().end_to_end(str(manifest.resolve()), cfg, objectives, force=args.force)
     _emit(args, summary["table"] if args.json else summary, report.render(summary))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import report
-    from pipelines.runtime import configure_prefect_defaults
 
     cfg = _load_config(args)
-    configure_prefect_defaults()
-    from pipelines.flows import end_to_end
-
     objectives = {args.objective: {}} if args.objective else None
-    summary = end_to_end(args.manifest, cfg, objectives)
+    summary = _flows().end_to_end(args.manifest, cfg, objectives, force=args.force)
     _emit(args, summary["table"] if args.json else summary, report.render(summary))
     return 0
 
@@ -141,13 +135,32 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipelines.ingest import ingest
+def _on_prefect_server() -> bool:
+    """Stage commands run their flow when a Prefect server is configured, so the run shows in
+    its UI; without one they call the stage directly: the ephemeral API would add ~10 s to
+    each command (~22 s on first use) for runs nobody sees (README, "Ad-hoc runs")."""
+    return bool(os.environ.get("PREFECT_API_URL"))
 
+
+def _flows():
+    """:mod:`pipelines.flows`, imported once the embedded Prefect defaults are set."""
+    from pipelines.runtime import configure_prefect_defaults
+
+    configure_prefect_defaults()
+    from pipelines import flows
+
+    return flows
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
-    manifest = ingest(
-        args.manifest, cfg, progress=not args.json, incremental=args.incremental, base=args.base
-    )
+    options = {"incremental": args.incremental, "base": args.base, "name": args.name}
+    if _on_prefect_server():
+        manifest = _flows().ingest_flow(args.manifest, cfg, force=args.force, **options)
+    else:
+        from pipelines.ingest import ingest
+
+        manifest = ingest(args.manifest, cfg, progress=not args.json, force=args.force, **options)
     s = manifest["summary"]
     base = manifest.get("base")
     text = (
@@ -169,11 +182,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.config import check_objectives
-    from pipelines.train.launch import train
 
     cfg = _load_config(args)
     check_objectives(cfg)
-    result = train(args.dataset, cfg, args.objective)
+    if _on_prefect_server():
+        trained = _flows().train_flow(args.dataset, cfg, force=args.force)
+        result = trained["runs"][cfg.train.objective]
+    else:
+        from pipelines.train.launch import train
+
+        result = train(args.dataset, cfg, args.objective, force=args.force)
     how = "reused" if result["reused"] else "trained"
     _emit(args, result, f"run {result['run']} ({how}): checkpoint {result['checkpoint']}")
     return 0
@@ -181,10 +199,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines import report
-    from pipelines.train.evaluate import evaluate
 
     cfg = _load_config(args)
-    result = evaluate(args.checkpoint, args.dataset, cfg)
+    if _on_prefect_server():
+        result = _flows().evaluate_flow(args.checkpoint, args.dataset, cfg, force=args.force)
+    else:
+        from pipelines.train.evaluate import evaluate
+
+        result = evaluate(args.checkpoint, args.dataset, cfg, force=args.force)
     lines = [f"{result['evaluation']}: {report.headline(result)}"]
     reference = result["reference"]
     lines.append(
@@ -201,10 +223,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from pipelines.train.evaluate import export_embeddings
-
     cfg = _load_config(args)
-    result = export_embeddings(args.checkpoint, args.dataset, cfg, args.split)
+    if _on_prefect_server():
+        flows = _flows()
+        result = flows.embed_flow(args.checkpoint, args.dataset, cfg, args.split, args.force)
+    else:
+        from pipelines.train.evaluate import export_embeddings
+
+        result = export_embeddings(args.checkpoint, args.dataset, cfg, args.split, force=args.force)
     _emit(args, result, f"{result['embedding']}: {result['rows']} rows -> {result['uri']}")
     return 0
 

@@ -1,11 +1,15 @@
 """Prefect flows: the orchestration layer (the only chorus module that imports Prefect).
 
-The same flows run ad hoc (``chorus run|ingest|train|evaluate``, the demo) and as scheduled
-deployments (``chorus deploy``, ``pipelines.deploy``). Tasks are thin wrappers over
-importable functions and pass ids, URIs and the typed config between each other, never
-clients or tensors. I/O tasks retry with exponential backoff, except on a user error (a
-retry cannot fix a bad field). Every artefact record written under a flow names the flow
-and task run that produced it.
+The same flows run ad hoc (``chorus run``, the demo, and ``chorus ingest|train|evaluate|
+embed`` on a Prefect server) and as scheduled deployments (``chorus deploy``,
+``pipelines.deploy``). Tasks are thin wrappers over importable functions and pass ids, URIs
+and the typed config between each other, never clients or tensors. I/O tasks retry with
+exponential backoff, except on a user error (a retry cannot fix a bad field). Every artefact
+record written under a flow names the flow and task run that produced it; an artefact the
+store already held (same recipe) is logged and tabled as "reused", and ``force`` makes every
+stage redo its work. A failed flow run emits an OpenLineage FAIL event of its own, so a run
+that fails before any stage opened its inputs (a glob matching nothing, a bad parameter) is
+in the lineage log too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from prefect.artifacts import (
     create_markdown_artifact,
     create_table_artifact,
 )
+from prefect.exceptions import FailedRun
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
@@ -27,8 +32,10 @@ from pipelines import report
 from pipelines.config import ChorusConfig, check_objectives
 from storage.errors import UserError
 from storage.lineage import producing
+from storage.lineage_events import LineageRun
 
 HOUR = 3600
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -59,19 +66,30 @@ def _produced_here():
         yield
 
 
+def _made(result: dict[str, Any]) -> str:
+    return "reused" if result["reused"] else "made"
+
+
 @task(name="ingest", timeout_seconds=6 * HOUR, **IO_RETRIES)
 def ingest_task(
-    manifest_uri: str, config: ChorusConfig, incremental: bool = False
+    manifest_uri: str,
+    config: ChorusConfig,
+    incremental: bool = False,
+    force: bool = False,
+    base: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     from pipelines.ingest import ingest
 
     with _produced_here():
-        dataset = ingest(manifest_uri, config, progress=False, incremental=incremental)
+        dataset = ingest(
+            manifest_uri, config, incremental=incremental, base=base, name=name, force=force
+        )
     summary = dataset["summary"]
     get_run_logger().info(
-        "dataset %s%s: %s rows, %s quarantined; %s records decoded, %s reused",
+        "%s dataset %s: %s rows, %s quarantined; %s records decoded, %s reused",
+        _made(dataset),
         dataset["id"],
-        " (reused)" if summary["reused"] else "",
         dataset["rows"],
         dataset["quarantine"]["rows"],
         summary.get("records_decoded", "-"),
@@ -82,24 +100,54 @@ def ingest_task(
 
 @task(name="train", task_run_name="train-{objective}", timeout_seconds=48 * HOUR)
 def train_task(
-    dataset_id: str, objective: str, options: dict[str, Any], config: ChorusConfig
+    dataset_id: str,
+    objective: str,
+    options: dict[str, Any],
+    config: ChorusConfig,
+    force: bool = False,
 ) -> dict[str, Any]:
     from pipelines.train.launch import train
 
     with _produced_here():
-        run = train(dataset_id, config, objective, options)
-    get_run_logger().info("run %s: checkpoint %s", run["run"], run["checkpoint"])
+        run = train(dataset_id, config, objective, options, force=force)
+    get_run_logger().info("%s run %s: checkpoint %s", _made(run), run["run"], run["checkpoint"])
     return run
 
 
 @task(name="evaluate", timeout_seconds=6 * HOUR, **IO_RETRIES)
-def evaluate_task(checkpoint: str, dataset_id: str, config: ChorusConfig) -> dict[str, Any]:
+def evaluate_task(
+    checkpoint: str, dataset_id: str | None, config: ChorusConfig, force: bool = False
+) -> dict[str, Any]:
     from pipelines.train.evaluate import evaluate
 
     with _produced_here():
-        evaluation = evaluate(checkpoint, dataset_id, config)
-    get_run_logger().info("%s: %s", evaluation["objective"], report.headline(evaluation))
+        evaluation = evaluate(checkpoint, dataset_id, config, force=force)
+    get_run_logger().info(
+        "%s evaluation %s of %s: %s",
+        _made(evaluation),
+        evaluation["evaluation"],
+        evaluation["objective"],
+        report.headline(evaluation),
+    )
     return evaluation
+
+
+@task(name="embed", timeout_seconds=6 * HOUR, **IO_RETRIES)
+def embed_task(
+    checkpoint: str,
+    dataset_id: str | None,
+    config: ChorusConfig,
+    split: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    from pipelines.train.evaluate import export_embeddings
+
+    with _produced_here():
+        embedding = export_embeddings(checkpoint, dataset_id, config, split, force=force)
+    get_run_logger().info(
+        "%s embedding %s: %s rows", _made(embedding), embedding["embedding"], embedding["rows"]
+    )
+    return embedding
 
 
 @task(name="record", timeout_seconds=HOUR, **IO_RETRIES)
@@ -108,9 +156,12 @@ def record_task(
     runs: dict[str, Any],
     evaluations: dict[str, Any],
     config: ChorusConfig,
+    force: bool = False,
 ) -> dict[str, Any]:
     with _produced_here():
-        return report.write(config, dataset, runs, evaluations)
+        summary = report.write(config, dataset, runs, evaluations, force=force)
+    get_run_logger().info("%s report %s", _made(summary), summary["report"])
+    return summary
 
 
 def _objectives(config: ChorusConfig, objectives: dict[str, dict] | None) -> dict[str, dict]:
@@ -134,61 +185,110 @@ def _user_errors_fail_in_one_line(function):
     return run
 
 
-@flow(name="chorus-ingest")
+def _lineage_fail_event(flow, flow_run, state) -> None:
+    """On failure: an OpenLineage FAIL event of the flow run itself (its id is the parent run
+    the stages' events name), in the store of its ``config`` parameter, also when the run
+    failed before any stage started (a stage that fails emits its own FAIL event too)."""
+    from storage.artefacts import Store, default_store_uri
+    from storage.openlineage_client import Emitter
+
+    config = flow_run.parameters.get("config")
+    store_uri = (config.get("store") if isinstance(config, dict) else None) or default_store_uri()
+    try:
+        emitter = Emitter(LineageRun(Store.open(store_uri).root, flow.name, []))
+        emitter.run.run_id = str(flow_run.id)
+        emitter.emit("FAIL", error=FailedRun(state.message))
+    except Exception as exc:  # lineage must never hide the run's own error
+        get_run_logger().warning("no FAIL lineage event for this run in %s: %s", store_uri, exc)
+
+
+@flow(name="chorus-ingest", on_failure=[_lineage_fail_event])
 @_user_errors_fail_in_one_line
 def ingest_flow(
-    manifest_uri: str, config: ChorusConfig, incremental: bool = False
+    manifest_uri: str,
+    config: ChorusConfig,
+    incremental: bool = False,
+    force: bool = False,
+    base: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Manifest (or a glob of them) -> a published dataset version, reused when its content
-    is unchanged; ``incremental`` decodes only the records new or changed since the latest
-    version of the same input."""
-    dataset = ingest_task(manifest_uri, config, incremental)
+    is unchanged; ``incremental`` decodes only the records new or changed since the version
+    ``base`` (default: the latest of the same input); ``name`` names the version."""
+    dataset = ingest_task(manifest_uri, config, incremental, force, base, name)
     links = {dataset["id"]: _dataset_uri(config, dataset["id"])}
     _artefacts({"dataset": dataset["id"]}, [_dataset_row(dataset)], links)
     return dataset
 
 
-@flow(name="chorus-train")
+def _is_manifest(source: str) -> bool:
+    """A path, URI or glob of manifests, not a dataset reference (an id or NAME@ALIAS)."""
+    return any(c in source for c in "/*") or source.endswith(MANIFEST_SUFFIXES)
+
+
+@flow(name="chorus-train", on_failure=[_lineage_fail_event])
 @_user_errors_fail_in_one_line
 def train_flow(
     source: str,
     config: ChorusConfig,
     objectives: dict[str, dict] | None = None,
     incremental: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Train one model per objective on ``source``: a dataset id, or a manifest to ingest
-    first (an unchanged input reuses its dataset version)."""
+    """Train one model per objective on ``source``: a dataset id or ``NAME@ALIAS``, or a
+    manifest to ingest first (an unchanged input reuses its dataset version)."""
     check_objectives(config)
-    is_dataset = source.startswith("ds-") and not any(c in source for c in "/.")
-    dataset_id = source if is_dataset else ingest_task(source, config, incremental)["id"]
+    if _is_manifest(source):
+        dataset_id = ingest_task(source, config, incremental, force)["id"]
+    else:
+        dataset_id = source
     runs = {
-        name: train_task(dataset_id, name, options, config)
+        name: train_task(dataset_id, name, options, config, force)
         for name, options in _objectives(config, objectives).items()
     }
-    rows = [{"artefact": r["run"], "kind": "run", **_numbers(r["metrics"])} for r in runs.values()]
+    rows = [_run_row(run) for run in runs.values()]
     links = {run["run"]: run["checkpoint"] for run in runs.values()}
     _artefacts({"dataset": dataset_id}, rows, links)
     return {"dataset": dataset_id, "runs": runs}
 
 
-@flow(name="chorus-evaluate")
+@flow(name="chorus-evaluate", on_failure=[_lineage_fail_event])
 @_user_errors_fail_in_one_line
-def evaluate_flow(checkpoint: str, dataset_id: str, config: ChorusConfig) -> dict[str, Any]:
-    """Retrieval and zero-shot metrics of one checkpoint on one dataset version."""
-    evaluation = evaluate_task(checkpoint, dataset_id, config)
-    row = {"artefact": evaluation["evaluation"], "kind": "evaluation", "rows": evaluation["rows"]}
+def evaluate_flow(
+    checkpoint: str, dataset_id: str | None, config: ChorusConfig, force: bool = False
+) -> dict[str, Any]:
+    """Retrieval and zero-shot metrics of one checkpoint on one dataset version (None: the
+    one it trained on)."""
+    evaluation = evaluate_task(checkpoint, dataset_id, config, force)
     links = {evaluation["evaluation"]: evaluation["uri"]}
-    _artefacts({}, [row | _headline(evaluation)], links)
+    _artefacts({}, [_evaluation_row(evaluation, "evaluation")], links)
     return evaluation
 
 
-@flow(name="chorus-end-to-end")
+@flow(name="chorus-embed", on_failure=[_lineage_fail_event])
+@_user_errors_fail_in_one_line
+def embed_flow(
+    checkpoint: str,
+    dataset_id: str | None,
+    config: ChorusConfig,
+    split: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The embeddings of one split (default: ``evaluate.split``) as Parquet in the store."""
+    embedding = embed_task(checkpoint, dataset_id, config, split, force)
+    row = {"artefact": embedding["embedding"], "kind": "embedding", "rows": embedding["rows"]}
+    _artefacts({}, [row | {"reused": embedding["reused"]}], {row["artefact"]: embedding["uri"]})
+    return embedding
+
+
+@flow(name="chorus-end-to-end", on_failure=[_lineage_fail_event])
 @_user_errors_fail_in_one_line
 def end_to_end(
     manifest_uri: str,
     config: ChorusConfig,
     objectives: dict[str, dict] | None = None,
     incremental: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Ingest -> train one model per objective -> evaluate each -> record the comparison.
 
@@ -196,16 +296,15 @@ def end_to_end(
     passes ``demo.objectives``.
     """
     check_objectives(config)
-    dataset = ingest_task(manifest_uri, config, incremental)
+    dataset = ingest_task(manifest_uri, config, incremental, force)
     runs, evaluations = {}, {}
     for name, options in _objectives(config, objectives).items():
-        runs[name] = train_task(dataset["id"], name, options, config)
-        evaluations[name] = evaluate_task(runs[name]["checkpoint"], dataset["id"], config)
-    summary = record_task(dataset, runs, evaluations, config)
+        runs[name] = train_task(dataset["id"], name, options, config, force)
+        checkpoint = runs[name]["checkpoint"]
+        evaluations[name] = evaluate_task(checkpoint, dataset["id"], config, force)
+    summary = record_task(dataset, runs, evaluations, config, force)
     rows = [_dataset_row(dataset)] + [
-        {"artefact": ev["evaluation"], "kind": f"evaluation ({name})", "rows": ev["rows"]}
-        | _headline(ev)
-        for name, ev in evaluations.items()
+        _evaluation_row(ev, f"evaluation ({name})") for name, ev in evaluations.items()
     ]
     links = {dataset["id"]: _dataset_uri(config, dataset["id"]), summary["report"]: summary["uri"]}
     links |= {run["run"]: run["checkpoint"] for run in runs.values()}
@@ -222,10 +321,22 @@ def _dataset_uri(config: ChorusConfig, dataset_id: str) -> str:
 def _dataset_row(dataset: dict[str, Any]) -> dict[str, Any]:
     return {
         "artefact": dataset["id"],
-        "kind": "dataset" + (" (reused)" if dataset["summary"]["reused"] else ""),
+        "kind": "dataset",
+        "reused": dataset["reused"],
         "rows": dataset["rows"],
         "quarantined": dataset["quarantine"]["rows"],
     }
+
+
+def _run_row(run: dict[str, Any]) -> dict[str, Any]:
+    return {"artefact": run["run"], "kind": "run", "reused": run["reused"]} | _numbers(
+        run["metrics"]
+    )
+
+
+def _evaluation_row(evaluation: dict[str, Any], kind: str) -> dict[str, Any]:
+    row = {"artefact": evaluation["evaluation"], "kind": kind, "reused": evaluation["reused"]}
+    return row | {"rows": evaluation["rows"]} | _headline(evaluation)
 
 
 def _headline(evaluation: dict[str, Any]) -> dict[str, Any]:

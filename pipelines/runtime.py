@@ -11,8 +11,7 @@ PREFECT_DEFAULTS = {
     # The ephemeral API server needs 17-30 s to start on 2 cores; its default timeout is 20 s.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-}
+}  # Prefect's INFO logs stay on: the run's log in the UI, and the CLI's log file
 
 
 def configure_prefect_defaults(home: str | Path = ".chorus/prefect") -> None:

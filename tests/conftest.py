@@ -28,7 +28,7 @@ def s3_endpoint() -> str:
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_SECRET_ACCESS_KEY="chorus-session-secret-7Qx2Vb9Lm4",  # tests/test_security.py
         AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT_URL=endpoint,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,9 +53,15 @@ def test_end_to_end_flow_records_every_artefact(
     by_key = {a.key: a for a in artifacts}
     table = json.loads(by_key["chorus-outputs"].data)
     assert summary["dataset"]["id"] in {row["artefact"] for row in table}
+    assert [row["reused"] for row in table] == [False, False, False]
     assert "symile" in by_key["chorus-report"].data
     links = [a.data for a in artifacts if a.key == "chorus-output-link"]  # markdown links
     assert any(summary["uri"] in link for link in links), links
+
+
+def _fail_events(store: str) -> list[dict]:
+    events = [json.loads(path.read_text()) for path in Path(store).glob("lineage/events/*.json")]
+    return [event for event in events if event["eventType"] == "FAIL"]
 
 
 def test_flow_rejects_a_bad_config_before_work(prefect_harness, demo_manifest, debug_config):
@@ -66,6 +73,9 @@ def test_flow_rejects_a_bad_config_before_work(prefect_harness, demo_manifest, d
     config["train"]["lr"] = -1
     with pytest.raises(ParameterTypeError, match=r"train\.lr"):
         ingest_flow(str(demo_manifest), config)
+    (failed,) = _fail_events(config["store"])  # the flow run's own: no stage started
+    assert failed["job"]["name"] == "chorus-ingest"
+    assert "train.lr" in failed["run"]["facets"]["errorMessage"]["message"]
 
 
 def test_flow_checks_objective_options_before_work(prefect_harness, demo_manifest, debug_config):

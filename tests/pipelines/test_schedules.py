@@ -112,8 +112,8 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
     partial.replace(path)
 
 
-def _dataset_manifests(env: dict[str, str]) -> list[dict]:
-    """Every published dataset manifest in the stack's bucket (a plain S3 client)."""
+def _store_json(env: dict[str, str], folder: str, suffix: str = ".json") -> list[dict]:
+    """Every JSON object under ``folder`` of the stack's store (a plain S3 client)."""
     s3 = boto3.client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL"],
@@ -122,9 +122,25 @@ def _dataset_manifests(env: dict[str, str]) -> list[dict]:
         region_name=env["AWS_DEFAULT_REGION"],
     )
     bucket, _, prefix = env["CHORUS_STORE"].removeprefix("s3://").partition("/")
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/datasets/")
-    keys = [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith("/manifest.json")]
-    return [json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys]
+    pages = s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=f"{prefix}/{folder}/"
+    )
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    return [
+        json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        for key in keys
+        if key.endswith(suffix)
+    ]
+
+
+def _dataset_manifests(env: dict[str, str]) -> list[dict]:
+    """Every published dataset manifest in the stack's bucket."""
+    return _store_json(env, "datasets", "/manifest.json")
+
+
+def _logs(env: dict[str, str], flow_run_id: str) -> list[str]:
+    body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}}
+    return [log["message"] for log in _api(env, "POST", "/logs/filter", json=body)]
 
 
 @pytest.mark.slow
@@ -223,6 +239,19 @@ def test_scheduled_incremental_ingest_and_a_failing_run(stack, demo_manifest, tm
         assert failed["state_type"] == "FAILED"
         assert failed["state"]["message"].startswith("error: ")
         assert "missing.csv" in failed["state"]["message"]
+        errors = _wait(
+            lambda: [m for m in _logs(env, failed["id"]) if m.startswith("error: ")],
+            30,
+            "the error in the run's Prefect log",
+        )
+        assert len(errors) == 1 and "missing.csv" in errors[0] and "\n" not in errors[0]
+        fail_events = [
+            event
+            for event in _store_json(env, "lineage/events")
+            if event["eventType"] == "FAIL" and event["run"]["runId"] == failed["id"]
+        ]  # it failed before its input was read: the flow run's own event
+        assert len(fail_events) == 1, fail_events
+        assert "missing.csv" in fail_events[0]["run"]["facets"]["errorMessage"]["message"]
     finally:
         serving.send_signal(signal.SIGINT)
         try:
@@ -241,6 +270,36 @@ def test_scheduled_incremental_ingest_and_a_failing_run(stack, demo_manifest, tm
     summary = grown[0]["summary"]
     assert (summary["records_decoded"], summary["records_reused"]) == (8, 40)
     assert grown[0]["rows"] == 48
+
+
+@pytest.mark.slow
+def test_stage_commands_run_their_flow_on_the_server(stack, demo_manifest, tmp_path):
+    """With PREFECT_API_URL set, ``chorus ingest`` is a run of ``chorus-ingest`` there; the
+    second one reuses the dataset and its Prefect log and table say so."""
+    args = ["ingest", str(demo_manifest), "--preset", "debug", "--store", str(tmp_path / "s")]
+
+    def ingest() -> dict:
+        done = subprocess.run(
+            [BIN / "chorus", *args, "--json"], env=stack, cwd=tmp_path, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    first, again = ingest(), ingest()
+    assert (first["reused"], again["reused"]) == (False, True)
+    ad_hoc = {"flows": {"name": {"any_": ["chorus-ingest"]}}}
+    ad_hoc |= {"flow_runs": {"deployment_id": {"is_null_": True}}, "sort": "START_TIME_DESC"}
+    latest = _api(stack, "POST", "/flow_runs/filter", json=ad_hoc)[0]
+    assert latest["state_type"] == "COMPLETED" and latest["parameters"]["manifest_uri"] == args[1]
+    logs = _wait(lambda: _logs(stack, latest["id"]), 30, "the run's Prefect log")
+    assert any(m.startswith(f"reused dataset {again['dataset']}") for m in logs), logs
+    only_this = {"artifacts": {"flow_run_id": {"any_": [latest["id"]]}}}
+    artifacts = _api(stack, "POST", "/artifacts/filter", json=only_this)
+    (table,) = [json.loads(a["data"]) for a in artifacts if a["key"] == "chorus-outputs"]
+    assert table == [
+        {"artefact": again["dataset"], "kind": "dataset", "reused": True, "rows": 160}
+        | {"quarantined": 0}
+    ]
 
 
 def _try(function, *args):
