@@ -254,22 +254,74 @@ def cmd_artefacts(args: argparse.Namespace) -> int:
     from storage.artefacts import Store
 
     store = Store.open(args.store, create=False)
-    if args.action == "list":
-        records = store.list(args.kind)
-        lines = [f"{r['created_at']}  {r['kind']:<10} {r['id']:<40} {r['uri']}" for r in records]
-        _emit(args, records, "\n".join(lines) or f"no artefacts in {store.root}")
-    elif args.action == "show":
-        record = store.lineage(args.id)
-        text = json.dumps(record, indent=2)
-        if record["kind"] == "dataset" and not args.json:
-            from pipelines.dataset import DatasetVersion
+    action = {"list": "ls"}.get(args.action, args.action)
+    return _ARTEFACT_ACTIONS[action](args, store)
 
-            text = DatasetVersion.open(store, args.id).describe()
-        _emit(args, record, text)
-    else:
-        files = store.download(args.id, args.dest)
-        _emit(args, [str(f) for f in files], f"downloaded {len(files)} files to {args.dest}")
+
+def _artefacts_ls(args: argparse.Namespace, store) -> int:
+    entries = store.entries(args.kind, args.name)
+    lines = [f"{e.created_at}  {e.kind:<10} {e.id:<40} {e.name:<20} {e.uri}" for e in entries]
+    _emit(args, [e.to_json() for e in entries], "\n".join(lines) or f"no artefacts in {store.root}")
     return 0
+
+
+def _artefacts_show(args: argparse.Namespace, store) -> int:
+    record = store.resolve(args.reference)
+    text = json.dumps(record.to_json(), indent=2)
+    if record.kind == "dataset" and not args.json:
+        from pipelines.dataset import DatasetVersion
+
+        text = DatasetVersion.open(store, record.id).describe()
+    _emit(args, record.to_json(), text)
+    return 0
+
+
+def _artefacts_get(args: argparse.Namespace, store) -> int:
+    files = store.download(args.reference, args.second)
+    _emit(args, [str(f) for f in files], f"downloaded {len(files)} files to {args.second}")
+    return 0
+
+
+def _artefacts_tag(args: argparse.Namespace, store) -> int:
+    move = store.tag(args.reference, args.second)
+    text = f"{move.name}@{move.alias} -> {move.id}" + (
+        f" (was {move.previous})" if move.previous else ""
+    )
+    _emit(args, move.to_json(), text)
+    return 0
+
+
+def _artefacts_rm(args: argparse.Namespace, store) -> int:
+    record = store.resolve(args.reference)
+    store.remove(record, force=args.force)
+    _emit(args, {"removed": record.id}, f"removed {record.kind} {record.id}")
+    return 0
+
+
+def _artefacts_gc(args: argparse.Namespace, store) -> int:
+    from storage.publish import GRACE_S
+
+    gone = store.collect_garbage(GRACE_S if args.grace is None else args.grace)
+    text = "\n".join(f"removed {path}" for path in gone) or "nothing to collect"
+    _emit(args, {"removed": gone}, text)
+    return 0
+
+
+_ARTEFACT_ACTIONS = {
+    "ls": _artefacts_ls,
+    "show": _artefacts_show,
+    "get": _artefacts_get,
+    "tag": _artefacts_tag,
+    "rm": _artefacts_rm,
+    "gc": _artefacts_gc,
+}
+# What each action takes after it (the parser's two optional positionals).
+_ARTEFACT_OPERANDS = {
+    "show": ("ID|NAME@ALIAS",),
+    "get": ("ID|NAME@ALIAS", "DEST"),
+    "tag": ("ID|NAME@ALIAS", "ALIAS"),
+    "rm": ("ID|NAME@ALIAS",),
+}
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -437,11 +489,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the records as JSON on stdout")
     p.set_defaults(func=cmd_quarantine)
 
-    p = sub.add_parser("artefacts", help="list, show or download stored artefacts")
-    p.add_argument("action", choices=["list", "show", "get"])
-    p.add_argument("id", nargs="?", help="artefact id (show, get)")
-    p.add_argument("dest", nargs="?", help="local folder (get)")
-    p.add_argument("--kind", help="dataset, run, evaluation, embedding or report (list)")
+    p = sub.add_parser(
+        "artefacts",
+        help="list, show, download, tag or remove stored artefacts",
+        usage="chorus artefacts {ls [--kind K] [--name N] | show REF | get REF DEST | "
+        "tag REF ALIAS | rm REF [--force] | gc [--grace SECONDS]} [--store S] [--json]",
+        description="REF: an artefact id, NAME@ALIAS, a NAME (its @latest) or the artefact's URI",
+    )
+    p.add_argument("action", choices=["ls", "list", "show", "get", "tag", "rm", "gc"])
+    p.add_argument("reference", nargs="?", metavar="REF", help="the artefact (show, get, tag, rm)")
+    p.add_argument(
+        "second", nargs="?", metavar="DEST|ALIAS", help="local folder (get), alias (tag)"
+    )
+    p.add_argument(
+        "--kind", help="only this kind: dataset, run, evaluation, embedding, report (ls)"
+    )
+    p.add_argument("--name", help="only artefacts of this name (ls)")
+    p.add_argument("--force", action="store_true", help="remove even what others depend on (rm)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="collect only what was untouched this long (gc; default 6 hours)",
+    )
     p.add_argument("--store", help="artefact store: a folder or s3://bucket/prefix")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_artefacts)
@@ -516,12 +586,11 @@ def _run(args: argparse.Namespace, log_path: Path | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "artefacts" and args.action in ("show", "get") and not args.id:
-        print(f"error: artefacts {args.action} needs an artefact id", file=sys.stderr)
-        return 2
-    if args.command == "artefacts" and args.action == "get" and not args.dest:
-        print("error: artefacts get needs a destination folder", file=sys.stderr)
-        return 2
+    if args.command == "artefacts":
+        operands = _ARTEFACT_OPERANDS.get(args.action, ())
+        if None in [args.reference, args.second][: len(operands)]:
+            print(f"error: artefacts {args.action} needs {' '.join(operands)}", file=sys.stderr)
+            return 2
     if getattr(args, "plain_stdout", False):
         return _run(args, None)
     from pipelines import console

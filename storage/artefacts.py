@@ -81,6 +81,14 @@ class OutsideStore(UserError, ValueError):
     """A URI that does not name an artefact folder of this store."""
 
 
+class ArtefactInUse(UserError):
+    """Removing an artefact others were made from (``--force`` removes it all the same)."""
+
+
+class Unnamed(UserError):
+    """An alias for an artefact without a name."""
+
+
 def default_store_uri() -> str:
     return os.environ.get("CHORUS_STORE") or DEFAULT_STORE
 
@@ -427,10 +435,24 @@ class Store:
             }
         return sorted(below)
 
-    def remove(self, record: LineageRecord) -> None:
+    def tag(self, reference: str, alias: str) -> names.Move:
+        """Point ``NAME@alias`` at the artefact ``reference`` names (NAME: its name)."""
+        record = self.resolve(reference)
+        if not record.name:
+            raise Unnamed(f"{record.id} has no name to put an alias on (made by an older chorus)")
+        return names.move(self.root, record.name, names.check(alias, "alias"), record.id)
+
+    def remove(self, record: LineageRecord, *, force: bool = False) -> None:
         """Delete an artefact: first what finds it (record, index key, recipe pointer), then
         its folder; a crash in between leaves a folder without a record, which ``gc`` frees.
-        Name histories are kept (an alias at it then resolves to "removed")."""
+        Refused while others were made from it (:meth:`dependents`), unless ``force``. Name
+        histories are kept (an alias at it then resolves to "removed")."""
+        below = [] if force else self.dependents(record)
+        if below:
+            shown = ", ".join(below[:5]) + (f" and {len(below) - 5} more" if len(below) > 5 else "")
+            raise ArtefactInUse(
+                f"{record.id} is an input of {shown}: remove those first, or pass --force"
+            )
         for uri in (self._index_key(record), self.uri(LINEAGE, record.kind, f"{record.id}.json")):
             _delete(uri)
         if record.recipe_key:

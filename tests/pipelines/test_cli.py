@@ -114,7 +114,7 @@ def test_unexpected_failure_keeps_its_traceback_and_names_the_log(tmp_path):
     broken = tmp_path / "store" / "lineage" / "dataset"
     broken.mkdir(parents=True)
     (broken / "ds-1.json").write_text("{not json")
-    out = chorus("artefacts", "list", "--store", str(tmp_path / "store"), cwd=tmp_path)
+    out = chorus("artefacts", "show", "ds-1", "--store", str(tmp_path / "store"), cwd=tmp_path)
     assert out.returncode == 1 and "Traceback" in out.stderr and "JSONDecodeError" in out.stderr
     log = Path(tmp_path, _lines(out.stderr)[-1].removeprefix("log: "))
     assert log.parent == tmp_path / ".chorus" / "logs" and "JSONDecodeError" in log.read_text()
