@@ -53,8 +53,8 @@ def base() -> dict[str, Any]:
     }
 
 
-def demo() -> dict[str, Any]:
-    """The four-modality demo: Symile vs CLIP on the generated M3-like data."""
+def _demo_task() -> dict[str, Any]:
+    """The demo's columns, task and compared objectives, on the base budget."""
     return deep_merge(
         base(),
         {
@@ -68,10 +68,18 @@ def demo() -> dict[str, Any]:
     )
 
 
+def demo() -> dict[str, Any]:
+    """The four-modality demo: Symile vs CLIP on the generated M3-like data."""
+    # The demo's text is a shuffled list of number words: order carries nothing, and the bag
+    # of tokens learns it within the budget where the small BERT does not (issue 13: class
+    # accuracy 0.778 vs 0.437). debug keeps the BERT, so the tests still build it.
+    return deep_merge(_demo_task(), {"data": {"columns": {"text": {"encoder": "bow"}}}})
+
+
 def debug() -> dict[str, Any]:
     """Tiny and fast: for tests and smoke runs."""
     return deep_merge(
-        demo(),
+        _demo_task(),
         {
             "ingest": {"batch_size": 32},
             "model": {"embed_dim": 16},
