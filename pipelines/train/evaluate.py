@@ -285,14 +285,19 @@ def embed_rows(
     parts = [dataset.read(s, wanted).with_column(_PART, lit(i)) for i, s in enumerate(splits)]
     rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     batches = math.ceil(sum(dataset.split_size(s) for s in splits) / EMBED_BATCH)
+    # The pool must leave CPU to the read tasks that feed it: actors holding every CPU
+    # starve the reads and the pipeline waits forever (2 CPUs, more than one batch).
+    cpus = available_cpus()
+    size = max(1, min(cpus - 1, batches))
+    per_actor = min(1.0, (cpus - 0.5) / size)
     embedded = rows.map_batches(
         EmbedBatch,
         fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "carry": [*carry, _PART]},
         batch_size=EMBED_BATCH,
         batch_format="numpy",
         zero_copy_batch=False,  # torch wants writable arrays
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(available_cpus(), batches))),
-        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=size),
+        num_cpus=per_actor,
     )
     table = pa.concat_tables(embedded.iter_batches(batch_format="pyarrow", batch_size=None))
     return [
