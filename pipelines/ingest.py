@@ -238,6 +238,7 @@ def ingest(
     incremental: bool = False,
     base: str | None = None,
     name: str | None = None,
+    store: Store | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the ingest job; returns the published dataset manifest (with a ``summary``) and
@@ -251,7 +252,8 @@ def ingest(
     version, and ``NAME@latest`` moves to each new one. ``inline`` decodes in this process
     without Ray: the same work, as the benchmark's single-process baseline. ``incremental``
     starts from the version ``base`` (default: the newest of the same input and data
-    settings; none: a full ingest).
+    settings; none: a full ingest). The version is published in ``store``, the one the
+    caller opened (default: ``cfg.store``, opened here).
     """
     cfg.data.require_columns()
     if name is not None:
@@ -264,7 +266,8 @@ def ingest(
     columns = {name: spec.model_dump() for name, spec in cfg.data.columns.items()}
     table, read = read_input(manifest_uri, columns)
     identity = identify(table, cfg, read.root)
-    store = Store.open(cfg.store)
+    if store is None:
+        store = Store.open(cfg.store)
     fitted = _fit_assets(table, columns)
     prior = find_base(store, read.uri, identity.settings, base) if incremental else None
     name = name or read.default_name
