@@ -140,6 +140,50 @@ def test_audio_decodes_resamples_and_mel(channels, rate, subtype, fmt):
     assert np.isfinite(mel.astype(np.float32)).all()
 
 
+@pytest.mark.parametrize(
+    ("rate", "n_mels", "duration_s"), [(16000, 64, 0.5), (16000, 128, 1.0), (22050, 40, 0.3)]
+)
+def test_audio_log_mel_equals_torchaudio(rate, n_mels, duration_s):
+    """The numpy log-mel is torchaudio's MelSpectrogram (+ log, float16) within one float16
+    ulp, and differs from it in under 1% of the values."""
+    import torchaudio
+
+    processor, cfg = _processor("audio", sample_rate=rate, n_mels=n_mels, duration_s=duration_s)
+    rng = np.random.default_rng(rate + n_mels)
+    gains = rng.uniform(0.001, 1.0, (12, 1))
+    waves = (rng.standard_normal((12, cfg.num_samples)) * gains).astype(np.float32)
+    waves[0] = 0.5 * np.sin(2 * np.pi * 440 * np.arange(cfg.num_samples) / rate)
+    ours = processor.preprocess(list(waves))[""]
+    window = round(rate * cfg.window_ms / 1000)
+    mel = torchaudio.transforms.MelSpectrogram(
+        sample_rate=rate,
+        n_fft=window,
+        win_length=window,
+        hop_length=cfg.hop_length,
+        n_mels=n_mels,
+    )
+    with torch.no_grad():
+        theirs = torch.log(mel(torch.from_numpy(waves)) + 1e-6).to(torch.float16).numpy()
+    assert ours.shape == theirs.shape == (12, n_mels, cfg.num_frames)
+    assert ours.dtype == np.float16
+    # rtol 2**-10 is one float16 ulp; atol covers values near 0, where the ulp is tiny
+    np.testing.assert_allclose(ours.astype(np.float32), theirs, rtol=2**-10, atol=2e-3)
+    assert (ours != theirs).mean() < 0.01
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_audio_resampling_equals_torchaudio(rate):
+    import torchaudio
+
+    from modalities.audio import resample
+
+    wave = np.random.default_rng(rate).standard_normal(rate // 3).astype(np.float32)
+    theirs = torchaudio.functional.resample(torch.from_numpy(wave), rate, 16000).numpy()
+    ours = resample(wave, rate, 16000)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
 def test_audio_waveform_representation_and_padding():
     processor, cfg = _processor("audio", representation="waveform")
     short = processor.decode(_wav(np.full(100, 0.25), 16000))
