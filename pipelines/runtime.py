@@ -43,8 +43,8 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,
-        runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_worker_logs"},
     )
+    _drop_relayed_lines(QUIET_LINES)
 
 
 def shutdown_ray() -> None:
@@ -58,25 +58,38 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+# Worker log lines the driver does not print. Without the dashboard (which we do not start
+# locally) Ray Train's placement-group cleaner, a detached actor of its own, cannot reach the
+# state API and says so every second of a training run: hundreds of identical lines that
+# bury the progress.
+QUIET_LINES = ("Failed to query Ray Train Controller actor state",)
 
 
-def quiet_worker_logs() -> None:
-    """Runs in every Ray worker of a local instance started by :func:`ensure_ray`.
+def _drop_relayed_lines(fragments: tuple[str, ...]) -> None:
+    """Stop the driver printing worker log lines that contain one of ``fragments`` (they
+    stay in the workers' log files).
 
-    Without the dashboard (which we do not start locally) Ray Train's placement-group
-    cleaner cannot reach the state API and warns about it every few seconds, for the whole
-    run: hundreds of identical lines that bury the progress. Only that message is dropped.
+    Filtered where Ray relays worker output to the driver rather than in the workers: a
+    job-level ``worker_process_setup_hook`` would reach the cleaner, but it makes the
+    workers raylet pre-starts unusable (each decode actor of an ingest then boots a fresh
+    one while those idle, BENCHMARKS.md "Ingest"), and no trainer setting reaches the
+    cleaner's process. The dispatcher is Ray-internal: tests/pipelines/test_runtime.py
+    fails if a Ray upgrade changes it.
     """
-    logging.getLogger(
-        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    ).addFilter(_DropMessage("Failed to query Ray Train Controller actor state"))
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    name = "ray_print_logs"  # the handler ray.init(log_to_driver=True) registers
+    printers = [handle for key, handle in dispatcher.handlers if key == name]
+    if not printers:
+        return
+
+    def relay(batch: dict) -> None:
+        lines = [line for line in batch["lines"] if not any(f in line for f in fragments)]
+        if lines:
+            printers[0](batch | {"lines": lines})
+
+    dispatcher.remove_handler(name)
+    dispatcher.add_handler(name, relay)
 
 
 def available_cpus() -> int:
