@@ -229,3 +229,35 @@ def test_record_decoder_writes_its_block_and_tokenizes_like_transformers(
     shard = pq.read_table(staging / files["shard"].path)
     input_ids = shard.column("text__input_ids").combine_chunks().to_numpy_ndarray()
     np.testing.assert_array_equal(input_ids, expected["input_ids"])
+
+
+def test_shard_table_is_ray_datas_own_conversion_and_reads_back_as_tensors(ray_session):
+    """Shards are written without importing Ray Data, to the same Parquet bytes as Ray
+    Data's conversion (so the same dataset ids), and Ray Data reads them as tensors."""
+    import io
+
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    from pipelines.decode import to_table
+
+    rng = np.random.default_rng(0)
+    rows = {
+        "id": np.array(["a", "b", "c"], dtype=object),
+        "text": np.array(["x y", "", "z"], dtype=object),
+        "label": np.array([1, 2, 3]),
+        "audio_present": np.array([True, False, True]),
+        "audio": rng.standard_normal((3, 4, 5)).astype(np.float16),
+        "text__input_ids": rng.integers(0, 99, (3, 6)).astype(np.int32),
+    }
+
+    def parquet(table) -> bytes:
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        return sink.getvalue()
+
+    assert parquet(to_table(rows)) == parquet(BlockAccessor.batch_to_block(rows))
+    read = ray.data.from_arrow(pq.read_table(io.BytesIO(parquet(to_table(rows))))).take_batch(3)
+    for name, values in rows.items():
+        np.testing.assert_array_equal(read[name], values)
+    assert read["audio"].shape == (3, 4, 5) and read["audio"].dtype == np.float16
