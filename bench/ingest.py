@@ -9,10 +9,12 @@ and the ``demo`` config, four runs, each in its own subprocess with a fresh temp
 * ``loop`` at N and 4N: ``ingest(..., inline=True)``: exactly the pipeline's work (read the
   manifest, fingerprint the files, fit the tokenizer, ``RecordDecoder`` on every block:
   fetch, decode, preprocess, write the same Parquet shards, quarantine parts and records
-  sidecars; the manifest and its atomic publication) in one process with one torch thread
-  (as Ray's workers, which get ``OMP_NUM_THREADS=1``), no Ray.
-* ``ray`` at N and 4N: ``ensure_ray(num_cpus=C)`` and ``import ray.data`` (start-up, timed
-  apart), then ``ingest(...)`` end to end.
+  sidecars; the manifest and its atomic publication) in one process, no Ray.
+* ``ray`` at N and 4N: ``ensure_ray(num_cpus=C)`` (start-up, timed apart), then
+  ``ingest(...)`` end to end.
+
+Every subprocess runs with ``OMP_NUM_THREADS=1``, as Ray gives its workers: one BLAS thread
+for the loop, as for each decode actor.
 
 Both report records/s, the CPU seconds of the whole process tree, and the seconds each
 stage (fetch, decode, preprocess per modality; write) spent inside ``RecordDecoder``, per
@@ -26,7 +28,8 @@ raylet's unlinked /dev/shm/plasma file, Ray's objects: blocks, metadata rows) an
 ``VmHWM`` after a ``/proc/self/clear_refs`` reset. A sample costs ~3 ms of CPU (``Pss`` from
 ``smaps_rollup`` would cost ~60 ms for a Ray tree, a quarter of a core at 5 Hz: left out).
 Timings swing on a shared machine: compare ratios within one run, and ``cpu_s`` (summed
-over the tree).
+over the tree). Before each case the parent reads every file of its data folder once
+(untimed), so every case starts from a warm page cache whatever its place in the order.
 
 ``--incremental``: one Ray subprocess (start-up timed apart) on the N demo records split into
 two drops matched by one glob, ``grow-1.csv`` (the first N / (1 + G)) and ``grow-2.csv`` (the
@@ -63,6 +66,14 @@ def demo_manifest(size: int, seed: int) -> str:
         print(f"# generating {size} demo records in {folder}", file=sys.stderr, flush=True)
         generate(folder, size, seed)
     return str(folder / "manifest.csv")
+
+
+def warm_cache(manifest: str) -> None:
+    """Read every file of the data folder once (untimed): each case then starts from a warm
+    page cache, so the order of the cases does not favour the later ones."""
+    for path in Path(manifest).parent.rglob("*"):
+        if path.is_file():
+            path.read_bytes()
 
 
 def _kb(pid: int, name: str, field: str) -> int:
@@ -150,10 +161,6 @@ def run_ingest(manifest: str, cfg, inline: bool) -> dict:
     """One ingest; its per-stage costs in s per 1,000 records, by modality kind."""
     from pipelines.ingest import ingest
 
-    if inline:  # one core, as each Ray worker; default threads spin-wait on a shared machine
-        import torch
-
-        torch.set_num_threads(1)
     result = ingest(manifest, cfg, progress=False, inline=inline)
     assert not result["summary"]["reused"], "ingest reused a dataset: the store is not fresh"
     per_1k = 1000 / result["summary"]["rows_in"]
@@ -180,8 +187,6 @@ def run_case(spec: dict) -> dict:
         from pipelines.runtime import ensure_ray
 
         ensure_ray(num_cpus=spec["cpus"])
-    import ray.data  # noqa: F401  (one-off; the loop uses its batch conversion too)
-
     out["startup_s"] = round(time.perf_counter() - start, 2)
     with tempfile.TemporaryDirectory(prefix="chorus-bench-") as store:
         cfg = load("demo", None, [f"store={store}"])
@@ -208,8 +213,6 @@ def run_incremental(spec: dict) -> dict:
 
     start = time.perf_counter()
     ensure_ray(num_cpus=spec["cpus"])
-    import ray.data  # noqa: F401
-
     out = spec | {"startup_s": round(time.perf_counter() - start, 2)}
     folder = Path(spec["manifest"]).parent
     with open(spec["manifest"], newline="", encoding="utf-8") as handle:
@@ -253,6 +256,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def spawn(spec: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray: our tree
+    env["OMP_NUM_THREADS"] = "1"  # as Ray's workers; default threads spin on a shared machine
     cmd = [sys.executable, __file__, "--case", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -304,8 +308,7 @@ def table(summary: dict, runs: dict) -> str:
     m = summary["ray_4n_over_n"]
     lines += [
         "",
-        f"start-up, not timed: ray {runs['ray_n']['startup_s']} s (ray.init + import ray.data),"
-        f" loop {runs['loop_n']['startup_s']} s (import ray.data)",
+        f"start-up, not timed: ray {runs['ray_n']['startup_s']} s (ray.init)",
         f"ray/loop records/s at N: {summary['speedup']}x (target >= {TARGET_SPEEDUP}x: "
         f"{met(summary['speedup_target_met'])}); at 4N: {summary['speedup_4n']}x",
         f"ray/loop CPU s per record at N: {summary['cpu_per_record_ray_over_loop']}x (target <= "
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("loop_n", "ray_n", "ray_4n", "loop_4n"):
         mode, n = key.split("_")
         spec = {"mode": mode, "size": sizes[n], "manifest": manifests[n], "cpus": args.cpus}
+        warm_cache(spec["manifest"])
         runs[key] = spawn(spec)
     summary = summarise(runs)
     print(table(summary, runs), file=sys.stderr if args.json else sys.stdout)
