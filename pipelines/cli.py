@@ -66,6 +66,14 @@ def _load_config(args: argparse.Namespace):
     return load(args.preset, path, overrides)
 
 
+def _open_store(uri: str | None, *, create: bool = False):
+    """The process's one :class:`~storage.artefacts.Store`, handed to the stage it runs.
+    Commands that only read keep ``create=False``: a missing store is then a user error."""
+    from storage.artefacts import Store
+
+    return Store.open(uri, create=create)
+
+
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     out = getattr(args, "result_stream", sys.stdout)
     print(json.dumps(payload, indent=2, default=str) if args.json else text, file=out, flush=True)
@@ -160,7 +168,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     else:
         from pipelines.ingest import ingest
 
-        manifest = ingest(args.manifest, cfg, progress=not args.json, force=args.force, **options)
+        store = _open_store(cfg.store, create=True)
+        progress = not args.json
+        manifest = ingest(
+            args.manifest, cfg, progress=progress, store=store, force=args.force, **options
+        )
     s = manifest["summary"]
     base = manifest.get("base")
     text = (
@@ -191,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from pipelines.train.launch import train
 
-        result = train(args.dataset, cfg, args.objective, force=args.force)
+        store = _open_store(cfg.store)
+        result = train(args.dataset, cfg, args.objective, store=store, force=args.force)
     how = "reused" if result["reused"] else "trained"
     _emit(args, result, f"run {result['run']} ({how}): checkpoint {result['checkpoint']}")
     return 0
@@ -206,7 +219,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from pipelines.train.evaluate import evaluate
 
-        result = evaluate(args.checkpoint, args.dataset, cfg, force=args.force)
+        store = _open_store(cfg.store)
+        result = evaluate(args.checkpoint, args.dataset, cfg, store=store, force=args.force)
     lines = [f"{result['evaluation']}: {report.headline(result)}"]
     reference = result["reference"]
     lines.append(
@@ -230,16 +244,22 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         from pipelines.train.evaluate import export_embeddings
 
-        result = export_embeddings(args.checkpoint, args.dataset, cfg, args.split, force=args.force)
+        result = export_embeddings(
+            args.checkpoint,
+            args.dataset,
+            cfg,
+            args.split,
+            store=_open_store(cfg.store),
+            force=args.force,
+        )
     _emit(args, result, f"{result['embedding']}: {result['rows']} rows -> {result['uri']}")
     return 0
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     from pipelines.dataset import DatasetVersion
-    from storage.artefacts import Store
 
-    dataset = DatasetVersion.open(Store.open(args.store, create=False), args.dataset)
+    dataset = DatasetVersion.open(_open_store(args.store), args.dataset)
     records = dataset.quarantine(args.kind).to_pylist()
     lines = [
         f"{r['id']}  {r['modality']}  {r['error_kind']}  {r['uri']}  {r['message']}"
@@ -251,9 +271,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_artefacts(args: argparse.Namespace) -> int:
-    from storage.artefacts import Store
-
-    store = Store.open(args.store, create=False)
+    store = _open_store(args.store)
     action = {"list": "ls"}.get(args.action, args.action)
     return _ARTEFACT_ACTIONS[action](args, store)
 
@@ -326,9 +344,8 @@ _ARTEFACT_OPERANDS = {
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     from storage import lineage_graph
-    from storage.artefacts import Store
 
-    store = Store.open(args.store, create=False)
+    store = _open_store(args.store)
     closure = lineage_graph.load(store.root).closure(args.id, down=args.down, depth=args.depth)
     if args.format == "json":
         print(json.dumps(closure.to_json(), indent=2), file=args.result_stream, flush=True)
@@ -340,10 +357,9 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from pipelines import status
-    from storage.artefacts import Store
 
     cfg = _load_config(args)
-    store = Store.open(cfg.store, create=False)
+    store = _open_store(cfg.store)
     found = status.stale(store, cfg, args.id)
     fresh = f"{args.id} and its inputs are" if args.id else f"every artefact in {store.root} is"
     text = "\n".join(s.line() for s in found) or f"{fresh} up to date"

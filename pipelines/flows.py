@@ -2,14 +2,15 @@
 
 The same flows run ad hoc (``chorus run``, the demo, and ``chorus ingest|train|evaluate|
 embed`` on a Prefect server) and as scheduled deployments (``chorus deploy``,
-``pipelines.deploy``). Tasks are thin wrappers over importable functions and pass ids, URIs
-and the typed config between each other, never clients or tensors. I/O tasks retry with
-exponential backoff, except on a user error (a retry cannot fix a bad field). Every artefact
-record written under a flow names the flow and task run that produced it; an artefact the
-store already held (same recipe) is logged and tabled as "reused", and ``force`` makes every
-stage redo its work. A failed flow run emits an OpenLineage FAIL event of its own, so a run
-that fails before any stage opened its inputs (a glob matching nothing, a bad parameter) is
-in the lineage log too.
+``pipelines.deploy``). A flow opens the store of its config once and hands that ``Store``
+to every task; tasks are thin wrappers over importable functions and pass ids, URIs, the
+typed config and the ``Store`` (a root URI, nothing open) between each other, never clients
+or tensors. I/O tasks retry with exponential backoff, except on a user error (a retry cannot
+fix a bad field). Every artefact record written under a flow names the flow and task run
+that produced it; an artefact the store already held (same recipe) is logged and tabled as
+"reused", and ``force`` makes every stage redo its work. A failed flow run emits an
+OpenLineage FAIL event of its own, so a run that fails before any stage opened its inputs
+(a glob matching nothing, a bad parameter) is in the lineage log too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prefect.tasks import exponential_backoff
 
 from pipelines import report
 from pipelines.config import ChorusConfig, check_objectives
+from storage.artefacts import Store, default_store_uri
 from storage.errors import UserError
 from storage.lineage import producing
 from storage.lineage_events import LineageRun
@@ -74,6 +76,7 @@ def _made(result: dict[str, Any]) -> str:
 def ingest_task(
     manifest_uri: str,
     config: ChorusConfig,
+    store: Store,
     incremental: bool = False,
     force: bool = False,
     base: str | None = None,
@@ -83,7 +86,13 @@ def ingest_task(
 
     with _produced_here():
         dataset = ingest(
-            manifest_uri, config, incremental=incremental, base=base, name=name, force=force
+            manifest_uri,
+            config,
+            incremental=incremental,
+            base=base,
+            name=name,
+            store=store,
+            force=force,
         )
     summary = dataset["summary"]
     get_run_logger().info(
@@ -104,24 +113,29 @@ def train_task(
     objective: str,
     options: dict[str, Any],
     config: ChorusConfig,
+    store: Store,
     force: bool = False,
 ) -> dict[str, Any]:
     from pipelines.train.launch import train
 
     with _produced_here():
-        run = train(dataset_id, config, objective, options, force=force)
+        run = train(dataset_id, config, objective, options, store=store, force=force)
     get_run_logger().info("%s run %s: checkpoint %s", _made(run), run["run"], run["checkpoint"])
     return run
 
 
 @task(name="evaluate", timeout_seconds=6 * HOUR, **IO_RETRIES)
 def evaluate_task(
-    checkpoint: str, dataset_id: str | None, config: ChorusConfig, force: bool = False
+    checkpoint: str,
+    dataset_id: str | None,
+    config: ChorusConfig,
+    store: Store,
+    force: bool = False,
 ) -> dict[str, Any]:
     from pipelines.train.evaluate import evaluate
 
     with _produced_here():
-        evaluation = evaluate(checkpoint, dataset_id, config, force=force)
+        evaluation = evaluate(checkpoint, dataset_id, config, store=store, force=force)
     get_run_logger().info(
         "%s evaluation %s of %s: %s",
         _made(evaluation),
@@ -137,13 +151,16 @@ def embed_task(
     checkpoint: str,
     dataset_id: str | None,
     config: ChorusConfig,
+    store: Store,
     split: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     from pipelines.train.evaluate import export_embeddings
 
     with _produced_here():
-        embedding = export_embeddings(checkpoint, dataset_id, config, split, force=force)
+        embedding = export_embeddings(
+            checkpoint, dataset_id, config, split, store=store, force=force
+        )
     get_run_logger().info(
         "%s embedding %s: %s rows", _made(embedding), embedding["embedding"], embedding["rows"]
     )
@@ -156,10 +173,11 @@ def record_task(
     runs: dict[str, Any],
     evaluations: dict[str, Any],
     config: ChorusConfig,
+    store: Store,
     force: bool = False,
 ) -> dict[str, Any]:
     with _produced_here():
-        summary = report.write(config, dataset, runs, evaluations, force=force)
+        summary = report.write(config, dataset, runs, evaluations, store=store, force=force)
     get_run_logger().info("%s report %s", _made(summary), summary["report"])
     return summary
 
@@ -189,7 +207,6 @@ def _lineage_fail_event(flow, flow_run, state) -> None:
     """On failure: an OpenLineage FAIL event of the flow run itself (its id is the parent run
     the stages' events name), in the store of its ``config`` parameter, also when the run
     failed before any stage started (a stage that fails emits its own FAIL event too)."""
-    from storage.artefacts import Store, default_store_uri
     from storage.openlineage_client import Emitter
 
     config = flow_run.parameters.get("config")
@@ -215,8 +232,9 @@ def ingest_flow(
     """Manifest (or a glob of them) -> a published dataset version, reused when its content
     is unchanged; ``incremental`` decodes only the records new or changed since the version
     ``base`` (default: the latest of the same input); ``name`` names the version."""
-    dataset = ingest_task(manifest_uri, config, incremental, force, base, name)
-    links = {dataset["id"]: _dataset_uri(config, dataset["id"])}
+    store = Store.open(config.store)
+    dataset = ingest_task(manifest_uri, config, store, incremental, force, base, name)
+    links = {dataset["id"]: store.dataset_uri(dataset["id"])}
     _artefacts({"dataset": dataset["id"]}, [_dataset_row(dataset)], links)
     return dataset
 
@@ -238,12 +256,14 @@ def train_flow(
     """Train one model per objective on ``source``: a dataset id or ``NAME@ALIAS``, or a
     manifest to ingest first (an unchanged input reuses its dataset version)."""
     check_objectives(config)
-    if _is_manifest(source):
-        dataset_id = ingest_task(source, config, incremental, force)["id"]
+    ingests = _is_manifest(source)
+    store = Store.open(config.store, create=ingests)
+    if ingests:
+        dataset_id = ingest_task(source, config, store, incremental, force)["id"]
     else:
         dataset_id = source
     runs = {
-        name: train_task(dataset_id, name, options, config, force)
+        name: train_task(dataset_id, name, options, config, store, force)
         for name, options in _objectives(config, objectives).items()
     }
     rows = [_run_row(run) for run in runs.values()]
@@ -259,7 +279,8 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     """Retrieval and zero-shot metrics of one checkpoint on one dataset version (None: the
     one it trained on)."""
-    evaluation = evaluate_task(checkpoint, dataset_id, config, force)
+    store = Store.open(config.store, create=False)
+    evaluation = evaluate_task(checkpoint, dataset_id, config, store, force)
     links = {evaluation["evaluation"]: evaluation["uri"]}
     _artefacts({}, [_evaluation_row(evaluation, "evaluation")], links)
     return evaluation
@@ -275,7 +296,8 @@ def embed_flow(
     force: bool = False,
 ) -> dict[str, Any]:
     """The embeddings of one split (default: ``evaluate.split``) as Parquet in the store."""
-    embedding = embed_task(checkpoint, dataset_id, config, split, force)
+    store = Store.open(config.store, create=False)
+    embedding = embed_task(checkpoint, dataset_id, config, store, split, force)
     row = {"artefact": embedding["embedding"], "kind": "embedding", "rows": embedding["rows"]}
     _artefacts({}, [row | {"reused": embedding["reused"]}], {row["artefact"]: embedding["uri"]})
     return embedding
@@ -296,26 +318,21 @@ def end_to_end(
     passes ``demo.objectives``.
     """
     check_objectives(config)
-    dataset = ingest_task(manifest_uri, config, incremental, force)
+    store = Store.open(config.store)
+    dataset = ingest_task(manifest_uri, config, store, incremental, force)
     runs, evaluations = {}, {}
     for name, options in _objectives(config, objectives).items():
-        runs[name] = train_task(dataset["id"], name, options, config, force)
+        runs[name] = train_task(dataset["id"], name, options, config, store, force)
         checkpoint = runs[name]["checkpoint"]
-        evaluations[name] = evaluate_task(checkpoint, dataset["id"], config, force)
-    summary = record_task(dataset, runs, evaluations, config, force)
+        evaluations[name] = evaluate_task(checkpoint, dataset["id"], config, store, force)
+    summary = record_task(dataset, runs, evaluations, config, store, force)
     rows = [_dataset_row(dataset)] + [
         _evaluation_row(ev, f"evaluation ({name})") for name, ev in evaluations.items()
     ]
-    links = {dataset["id"]: _dataset_uri(config, dataset["id"]), summary["report"]: summary["uri"]}
+    links = {dataset["id"]: store.dataset_uri(dataset["id"]), summary["report"]: summary["uri"]}
     links |= {run["run"]: run["checkpoint"] for run in runs.values()}
     _artefacts({"dataset": dataset["id"]}, rows, links, markdown=report.render(summary))
     return summary
-
-
-def _dataset_uri(config: ChorusConfig, dataset_id: str) -> str:
-    from storage.artefacts import Store
-
-    return Store.open(config.store).dataset_uri(dataset_id)
 
 
 def _dataset_row(dataset: dict[str, Any]) -> dict[str, Any]:

@@ -365,15 +365,18 @@ def write(
     runs: dict[str, Any],
     evaluations: dict[str, Any],
     *,
+    store: Store | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Publish ``summary.json``, ``report.md`` and the plots as a report named after the
-    dataset (``<dataset name>.report``); the report of the same dataset, runs, evaluations,
-    settings and code is reused (``reused``; ``force`` writes it again). Returns the summary
-    with its ``report`` id and ``uri``."""
+    dataset (``<dataset name>.report``) in ``store``, which holds its inputs (default:
+    ``cfg.store``); the report of the same dataset, runs, evaluations, settings and code is
+    reused (``reused``; ``force`` writes it again). Returns the summary with its ``report``
+    id and ``uri``."""
     from pipelines.train.evaluate import reusable
 
-    store = Store.open(cfg.store)
+    if store is None:
+        store = Store.open(cfg.store)
     sources = [store.resolve(dataset["id"], kind="dataset")]
     sources += [store.resolve(run["run"], kind="run") for run in runs.values()]
     sources += [store.resolve(ev["evaluation"], kind="evaluation") for ev in evaluations.values()]

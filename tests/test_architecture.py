@@ -1,4 +1,5 @@
-"""Layering rules: modalities/ and storage/ import neither Ray nor Prefect; light paths stay light.
+"""Layering rules: modalities/ and storage/ import neither Ray nor Prefect; light paths stay light;
+the CLI and the flows open the store and hand it down.
 
 Light paths are the modality registry, the configuration and the CLI commands that only read
 configs and stores (``--help``, ``config``, ``init``, ``artefacts``, ``quarantine``,
@@ -40,6 +41,52 @@ def test_only_flows_imports_prefect():
         assert "import prefect" not in source.read_text() and "from prefect" not in (
             source.read_text()
         ), source
+
+
+PROCESS_ENTRIES = {"cli.py", "flows.py"}  # they open the store once per process
+
+
+def _opens_store(node: ast.AST) -> bool:
+    called = node.func if isinstance(node, ast.Call) else None
+    return (
+        isinstance(called, ast.Attribute)
+        and called.attr == "open"
+        and getattr(called.value, "id", None) == "Store"
+    )
+
+
+def _store_defaults_to_none(function: ast.FunctionDef) -> bool:
+    arguments = function.args
+    positional = arguments.posonlyargs + arguments.args
+    with_default = positional[len(positional) - len(arguments.defaults) :]
+    pairs = list(zip(with_default, arguments.defaults, strict=True))
+    pairs += zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+    return any(
+        a.arg == "store" and isinstance(d, ast.Constant) and d.value is None for a, d in pairs
+    )
+
+
+def test_only_the_process_entries_open_the_store():
+    """One run context: the CLI and the flows open the ``Store`` and hand it down. Below them
+    a module opens one only as a library caller's default, in a function whose ``store``
+    parameter was left None; never in the layers a stage calls."""
+    opened_below = []
+    for source in (ROOT / "pipelines").rglob("*.py"):
+        if source.name in PROCESS_ENTRIES:
+            continue
+        tree = ast.parse(source.read_text())
+        defaults = {
+            id(node)
+            for function in ast.walk(tree)
+            if isinstance(function, ast.FunctionDef) and _store_defaults_to_none(function)
+            for node in ast.walk(function)
+        }
+        opened_below += [
+            f"{source.relative_to(ROOT)}:{node.lineno}"
+            for node in ast.walk(tree)
+            if _opens_store(node) and id(node) not in defaults
+        ]
+    assert opened_below == []
 
 
 HEAVY = ("torch", "torchaudio", "tokenizers", "transformers", "ray", "prefect")

@@ -422,10 +422,9 @@ class Opened:
         return [run or outside | {"content_id": made_from}, self.source]
 
 
-def open_checkpoint(checkpoint: str, dataset: str | None, cfg: ChorusConfig) -> Opened:
+def open_checkpoint(store: Store, checkpoint: str, dataset: str | None) -> Opened:
     """The checkpoint and the dataset (an id or ``NAME@ALIAS``; default: the one it trained
-    on), resolved without loading the model."""
-    store = Store.open(cfg.store, create=False)
+    on) in ``store``, resolved without loading the model."""
     found = resolve_checkpoint(store, checkpoint)
     config = fs.read_json(uris.join(found.uri, CONFIG_FILE))
     source = store.resolve(dataset or config["dataset_id"], kind="dataset")
@@ -469,12 +468,16 @@ def export_embeddings(
     cfg: ChorusConfig,
     split: str | None = None,
     *,
+    store: Store | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """``id`` + per modality an embedding column and a ``<column>_present`` flag (an absent
     value's embedding is the model's learned "missing" vector), published as Parquet; the
-    same checkpoint, dataset and split exported before is reused (``force``: exported again)."""
-    opened = open_checkpoint(checkpoint, dataset_id, cfg)
+    same checkpoint, dataset and split exported before is reused (``force``: exported again).
+    Checkpoint and dataset are resolved in ``store`` (default: ``cfg.store``)."""
+    if store is None:
+        store = Store.open(cfg.store, create=False)
+    opened = open_checkpoint(store, checkpoint, dataset_id)
     field = "--split" if split else "evaluate.split"
     split = split or cfg.evaluate.split
     made = recipe("embed", {"split": split}, opened.content)
@@ -605,17 +608,24 @@ def evaluation_recipe(settings: EvalConfig, inputs: Sequence[str]) -> Recipe:
 
 
 def evaluate(
-    checkpoint: str, dataset_id: str | None, cfg: ChorusConfig, *, force: bool = False
+    checkpoint: str,
+    dataset_id: str | None,
+    cfg: ChorusConfig,
+    *,
+    store: Store | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """The headline task (and the sweep) on ``cfg.evaluate.split``, published as
     ``metrics.json``; an evaluation of the same run and dataset with the same settings and
     code is reused (``reused``; ``force`` evaluates again).
 
     ``checkpoint``: a run id, ``NAME@ALIAS``, checkpoint URI or folder; ``dataset_id`` (an id
-    or ``NAME@ALIAS``) defaults to the dataset the run trained on. Model, columns and
-    objective come from the checkpoint.
+    or ``NAME@ALIAS``) defaults to the dataset the run trained on, both resolved in ``store``
+    (default: ``cfg.store``). Model, columns and objective come from the checkpoint.
     """
-    opened = open_checkpoint(checkpoint, dataset_id, cfg)
+    if store is None:
+        store = Store.open(cfg.store, create=False)
+    opened = open_checkpoint(store, checkpoint, dataset_id)
     made = evaluation_recipe(cfg.evaluate, opened.content)
     with lineage_run(opened.store, "evaluate", _lineage_inputs(opened)) as run:
         record = reusable(opened.store, made, force)

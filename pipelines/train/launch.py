@@ -148,15 +148,18 @@ def train(
     objective: str | None = None,
     options: dict[str, Any] | None = None,
     *,
+    store: Store | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Train one model, or return the run the same recipe made (``reused``; ``force``
     trains again). Returns the run id, ``checkpoint`` (the URI of its checkpoint: the best
     by ``train.keep_by``), the full curve's ``metrics_uri`` and final ``metrics``.
 
-    ``objective`` defaults to ``train.objective`` with ``train.objective_options``.
+    ``objective`` defaults to ``train.objective`` with ``train.objective_options``. The
+    dataset is read from ``store``, the one the caller opened (default: ``cfg.store``).
     """
-    store = Store.open(cfg.store, create=False)
+    if store is None:
+        store = Store.open(cfg.store, create=False)
     dataset = training_view(DatasetVersion.open(store, dataset_id), cfg.train)
     if objective is None or (objective == cfg.train.objective and options is None):
         objective, options = cfg.train.objective, cfg.train.objective_options
