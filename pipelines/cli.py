@@ -613,12 +613,20 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.runtime import shutdown_ray
 
     live = False if getattr(args, "json", False) else None
+    caller_has_ray = _has_ray_session()  # an in-process caller's session stays its own
     with console.session(args.command, verbose=args.verbose, live=live) as session:
         args.result_stream = session.result
         try:
             return _run(args, session.log_path)
         finally:
-            shutdown_ray()  # late worker output goes to the log, not the terminal
+            if not caller_has_ray:
+                shutdown_ray()  # late worker output goes to the log, not the terminal
+
+
+def _has_ray_session() -> bool:
+    """Whether this process has a Ray session already (never importing Ray to ask)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 if __name__ == "__main__":

@@ -106,3 +106,13 @@ def test_missing_operands_and_bad_references_are_user_errors(store, capfd):
     assert code == 2 and "artefacts tag needs ID|NAME@ALIAS ALIAS" in err
     code, _, err = _chorus(capfd, store, "show", "../../etc/passwd")
     assert code == 2 and "not an artefact folder" in err
+
+
+def test_an_in_process_call_leaves_the_callers_ray_session_running(ray_session, store, capfd):
+    """The CLI ends the Ray session it started, never its caller's (here the test session's:
+    a second one would start for every later test)."""
+    import ray
+
+    published = _publish(store, "report", "weekly", "one")
+    code, out, _ = _chorus(capfd, store, "ls")
+    assert code == 0 and published.id in out and ray.is_initialized()
