@@ -1,9 +1,14 @@
-"""Session-wide real components: one moto S3 server, one Ray session, one Prefect harness."""
+"""Session-wide real components: one moto S3 server, one Ray session, one Prefect harness;
+the demo data ingested and trained once; and the helpers several test modules share."""
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,12 +99,82 @@ def debug_config(tmp_path):
 
 @pytest.fixture(scope="session")
 def ingested(ray_session, demo_manifest, tmp_path_factory):
-    """The demo manifest ingested once into a session store: (config, dataset manifest)."""
+    """The demo manifest ingested once into a session store: (config, dataset manifest).
+    Tests may add to that store; ``dataset_store`` copies it as ingest left it."""
     from pipelines.config import load
     from pipelines.ingest import ingest
 
     cfg = load("debug", None, [f"store={tmp_path_factory.mktemp('store')}"])
-    return cfg, ingest(str(demo_manifest), cfg, progress=False)
+    manifest = ingest(str(demo_manifest), cfg, progress=False)
+    shutil.copytree(cfg.store, _dataset_only(tmp_path_factory))
+    return cfg, manifest
+
+
+def _dataset_only(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "dataset-only-store"
+
+
+@pytest.fixture(scope="session")
+def dataset_store(ingested, tmp_path_factory):
+    """Factory: a private store holding the session's dataset alone, as ingest published it
+    (before any test added a run to the session store); returns its folder."""
+
+    def copy(name: str) -> Path:
+        root = tmp_path_factory.mktemp(name) / "store"
+        shutil.copytree(_dataset_only(tmp_path_factory), root)
+        return root
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def trained(ingested):
+    """The debug config trained on the session's dataset, and that run evaluated: (config,
+    dataset manifest, run, evaluation). For tests that need a run, not a training of their
+    own; they may add to the store, never change or remove what is there."""
+    from pipelines.train.evaluate import evaluate
+    from pipelines.train.launch import train
+
+    cfg, manifest = ingested
+    run = train(manifest["id"], cfg)
+    return cfg, manifest, run, evaluate(run["run"], None, cfg)
+
+
+@pytest.fixture(scope="session")
+def chorus(tmp_path_factory):
+    """Runs the CLI as a user would, in a fresh interpreter: ``chorus(*args, cwd=, env=)``
+    returns the finished process. ``env`` adds to this process' environment, where the
+    caches of ``chorus lineage`` go to a folder of the session's, not to ``~/.cache``."""
+    cache = {"CHORUS_CACHE": str(tmp_path_factory.mktemp("chorus-cache"))}
+
+    def run(*args: str, cwd=None, env: dict[str, str] | None = None, timeout: float = 300):
+        return subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=os.environ | cache | (env or {}),
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def write_manifest():
+    """Writes ``rows`` (dicts with the same keys) as a CSV manifest at ``path``, whole or not
+    at all (a scheduled run may read the folder at any moment); returns ``path``."""
+
+    def write(path: Path, rows: list[dict]) -> Path:
+        partial = path.with_name(f".{path.name}.partial")
+        with partial.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        partial.replace(path)
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")

@@ -26,16 +26,6 @@ evaluate: {split: test, target: photo, query: [voice, caption]}
 """
 
 
-def chorus(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
-
-
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_validates_and_only_the_demo_ones_have_columns(preset):
     cfg = load(preset)
@@ -161,20 +151,20 @@ def test_config_errors_survive_pickling():
         ),
     ],
 )
-def test_cli_config_mistakes_exit_2_in_one_line(tmp_path, args, message):
+def test_cli_config_mistakes_exit_2_in_one_line(chorus, tmp_path, args, message):
     out = chorus("config", *args, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [message]
 
 
-def test_cli_reads_chorus_yaml_from_the_working_directory(tmp_path):
+def test_cli_reads_chorus_yaml_from_the_working_directory(chorus, tmp_path):
     (tmp_path / "chorus.yaml").write_text(README_EXAMPLE)
     out = chorus("config", "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert list(json.loads(out.stdout)["data"]["columns"]) == ["photo", "voice", "caption", "ecg"]
 
 
-def test_cli_unknown_objective_fails_before_work(tmp_path):
+def test_cli_unknown_objective_fails_before_work(chorus, tmp_path):
     out = chorus("train", "ds-x", "--objective", "symille", "--store", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [

@@ -5,25 +5,11 @@ Each case of issue 9's list runs through the CLI as a subprocess, as a user woul
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-
-
-def chorus(*args: str, cwd, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
 
 
 def assert_user_error(out: subprocess.CompletedProcess, *named: str) -> str:
@@ -39,57 +25,54 @@ def assert_user_error(out: subprocess.CompletedProcess, *named: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(ingested, tmp_path_factory):
-    """A private copy of the session's ingested store: (store path, dataset id)."""
-    cfg, manifest = ingested
-    copy = tmp_path_factory.mktemp("errors") / "store"
-    shutil.copytree(cfg.store, copy)
-    return str(copy), manifest["id"]
+def store(ingested, dataset_store):
+    """A private store holding the session's dataset: (store path, dataset id)."""
+    return str(dataset_store("errors")), ingested[1]["id"]
 
 
 @pytest.mark.parametrize(
     ("setting", "field"),
     [("train.batch_size=1", "train.batch_size"), ("train.bogus=1", "train.bogus")],
 )
-def test_bad_config_field_has_one_prefix_and_names_the_field(setting, field, tmp_path):
+def test_bad_config_field_has_one_prefix_and_names_the_field(chorus, setting, field, tmp_path):
     line = assert_user_error(chorus("config", "--set", setting, cwd=tmp_path), field)
     assert "(root)" not in line and "Value error" not in line
 
 
-def test_unknown_preset(tmp_path):
+def test_unknown_preset(chorus, tmp_path):
     assert_user_error(chorus("config", "--preset", "nope", cwd=tmp_path), "'nope'", "debug")
 
 
-def test_unknown_objective_fails_before_any_work(tmp_path):
+def test_unknown_objective_fails_before_any_work(chorus, tmp_path):
     out = chorus("train", "ds-x", "--objective", "symille", "--store", "absent", cwd=tmp_path)
     assert_user_error(out, "'symille'", "symile")
 
 
-def test_unknown_artefact_kind(tmp_path):
+def test_unknown_artefact_kind(chorus, tmp_path):
     (tmp_path / "store").mkdir()
     out = chorus("artefacts", "list", "--kind", "bogus", "--store", "store", cwd=tmp_path)
     assert_user_error(out, "'bogus'", "dataset")
 
 
 @pytest.mark.parametrize("action", ["show", "get"])
-def test_unknown_artefact_id(action, store, tmp_path):
+def test_unknown_artefact_id(chorus, action, store, tmp_path):
     args = ["artefacts", action, "nope-1", str(tmp_path / "dest"), "--store", store[0]]
     assert_user_error(chorus(*args, cwd=tmp_path), "'nope-1'")
 
 
-def test_batch_larger_than_the_data(store, tmp_path):
+def test_batch_larger_than_the_data(chorus, store, tmp_path):
     root, dataset = store
     args = ["train", dataset, "--preset", "debug", "--store", root]
     out = chorus(*args, "--set", "train.batch_size=4096", cwd=tmp_path)
     assert_user_error(out, "train.batch_size")
 
 
-def test_ingest_into_a_missing_bucket(s3_endpoint, demo_manifest, tmp_path):
+def test_ingest_into_a_missing_bucket(chorus, s3_endpoint, demo_manifest, tmp_path):
     args = ["ingest", str(demo_manifest), "--preset", "debug", "--store", "s3://nobucket/x"]
     assert_user_error(chorus(*args, cwd=tmp_path), "bucket 'nobucket' does not exist")
 
 
-def test_unreachable_endpoint_fails_in_seconds(s3_endpoint, demo_manifest, tmp_path):
+def test_unreachable_endpoint_fails_in_seconds(chorus, s3_endpoint, demo_manifest, tmp_path):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -112,23 +95,23 @@ def test_unreachable_endpoint_fails_in_seconds(s3_endpoint, demo_manifest, tmp_p
         ["quarantine", "ds-x"],
     ],
 )
-def test_reading_a_missing_store_says_so_and_creates_none(command, tmp_path):
+def test_reading_a_missing_store_says_so_and_creates_none(chorus, command, tmp_path):
     out = chorus(*command, "--store", "absent", cwd=tmp_path)
     assert_user_error(out, f"no artefact store at {tmp_path / 'absent'}")
     assert not (tmp_path / "absent").exists()
 
 
-def test_artefacts_list_on_a_missing_bucket(s3_endpoint, tmp_path):
+def test_artefacts_list_on_a_missing_bucket(chorus, s3_endpoint, tmp_path):
     out = chorus("artefacts", "list", "--store", "s3://nobucket/x", cwd=tmp_path)
     assert_user_error(out, "bucket 'nobucket' does not exist")
 
 
-def test_dataset_that_does_not_exist(store, tmp_path):
+def test_dataset_that_does_not_exist(chorus, store, tmp_path):
     out = chorus("train", "ds-nope", "--preset", "debug", "--store", store[0], cwd=tmp_path)
     assert_user_error(out, "'ds-nope'")
 
 
-def test_checkpoint_that_does_not_exist(store, tmp_path):
+def test_checkpoint_that_does_not_exist(chorus, store, tmp_path):
     root, dataset = store
     missing = str(tmp_path / "no-checkpoint")
     out = chorus("evaluate", missing, dataset, "--preset", "debug", "--store", root, cwd=tmp_path)

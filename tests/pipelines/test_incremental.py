@@ -22,14 +22,6 @@ BLOCK_ROWS = "ingest.rows_per_shard=8"  # 32 base records: four blocks of eight
 UNFITTED = "data.columns.text.tokenizer=byte"
 
 
-def _write(manifest: Path, rows: list[dict]) -> Path:
-    with manifest.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
-
-
 @pytest.fixture
 def drops(demo_manifest, tmp_path) -> tuple[Path, list[dict]]:
     """A copy of the demo data (its files may change) and its first 40 rows."""
@@ -47,15 +39,15 @@ def _ids(version: DatasetVersion) -> list[str]:
     return table.column("id").to_pylist()
 
 
-def test_a_new_drop_is_the_only_thing_decoded(ray_session, drops, debug_config):
+def test_a_new_drop_is_the_only_thing_decoded(ray_session, drops, debug_config, write_manifest):
     root, rows = drops
     cfg = debug_config(BLOCK_ROWS, UNFITTED)
     store = Store.open(cfg.store)
-    _write(root / "drop-1.csv", rows[:32])
+    write_manifest(root / "drop-1.csv", rows[:32])
     first = ingest(str(root / "drop-*.csv"), cfg, progress=False)
     assert first["summary"]["records_reused"] == 0 and first["summary"]["records_decoded"] == 32
 
-    _write(root / "drop-2.csv", rows[32:])
+    write_manifest(root / "drop-2.csv", rows[32:])
     grown = ingest(str(root / "drop-*.csv"), cfg, progress=False, incremental=True)
     summary = grown["summary"]
     assert (summary["records_decoded"], summary["records_reused"]) == (8, 32)
@@ -79,18 +71,18 @@ def test_a_new_drop_is_the_only_thing_decoded(ray_session, drops, debug_config):
     assert {str(p.relative_to(root / "copy")) for p in files} >= {s["path"] for s in kept}
 
 
-def test_removed_and_changed_records(ray_session, drops, debug_config):
+def test_removed_and_changed_records(ray_session, drops, debug_config, write_manifest):
     from modalities import image
 
     root, rows = drops
     cfg = debug_config(BLOCK_ROWS)
     store = Store.open(cfg.store)
-    _write(root / "drop-1.csv", rows)
+    write_manifest(root / "drop-1.csv", rows)
     first = ingest(str(root / "drop-1.csv"), cfg, progress=False)
     changed = rows[13]
     other = next(r["image"] for r in rows if r["image"] != changed["image"])
     (root / changed["image"]).write_bytes((root / other).read_bytes())
-    _write(root / "drop-1.csv", rows[2:])  # the first two records removed
+    write_manifest(root / "drop-1.csv", rows[2:])  # the first two records removed
     edited = ingest(str(root / "drop-1.csv"), cfg, progress=False, incremental=True)
     summary = edited["summary"]
     assert (summary["records_decoded"], summary["records_removed"]) == (1, 2)
@@ -109,17 +101,17 @@ def test_removed_and_changed_records(ray_session, drops, debug_config):
     np.testing.assert_array_equal(data["image"][row], processor.decode((root / other).read_bytes()))
 
 
-def test_manifest_globs_fail_as_user_errors(drops, debug_config):
+def test_manifest_globs_fail_as_user_errors(drops, debug_config, write_manifest):
     root, rows = drops
     with pytest.raises(ManifestError, match="no manifest matches"):
         ingest(str(root / "absent-*.csv"), debug_config(), progress=False)
-    _write(root / "a.csv", rows[:5])
-    _write(root / "b.csv", rows[4:8])
+    write_manifest(root / "a.csv", rows[:5])
+    write_manifest(root / "b.csv", rows[4:8])
     with pytest.raises(ManifestError, match=f"{rows[4]['id']}.*a.csv and .*b.csv"):
         ingest(str(root / "*.csv"), debug_config(), progress=False)
 
 
-def test_an_s3_glob_of_drops(ray_session, drops, s3_bucket, debug_config):
+def test_an_s3_glob_of_drops(ray_session, drops, s3_bucket, debug_config, write_manifest):
     import boto3
 
     root, rows = drops
@@ -129,9 +121,9 @@ def test_an_s3_glob_of_drops(ray_session, drops, s3_bucket, debug_config):
             client.upload_file(str(root / row[column]), bucket, f"m/{row[column]}")
     store = f"s3://{s3_bucket('store')}/chorus"
     cfg = debug_config(BLOCK_ROWS, store=store)
-    client.upload_file(str(_write(root / "drop-1.csv", rows[:32])), bucket, "m/drop-1.csv")
+    client.upload_file(str(write_manifest(root / "drop-1.csv", rows[:32])), bucket, "m/drop-1.csv")
     first = ingest(f"s3://{bucket}/m/drop-*.csv", cfg, progress=False)
-    client.upload_file(str(_write(root / "drop-2.csv", rows[32:])), bucket, "m/drop-2.csv")
+    client.upload_file(str(write_manifest(root / "drop-2.csv", rows[32:])), bucket, "m/drop-2.csv")
     grown = ingest(f"s3://{bucket}/m/drop-*.csv", cfg, progress=False, incremental=True)
     assert grown["base"] == first["id"] and grown["summary"]["records_decoded"] == 8
     version = DatasetVersion.open(Store.open(store), grown["id"])

@@ -30,15 +30,14 @@ def test_default_names_come_from_the_input():
     assert Source("s3://b/in/my data.v2.jsonl", ()).default_name == "my-data.v2"
 
 
-def test_force_decodes_again_and_keeps_the_published_version(demo_manifest, tmp_path, debug_config):
+def test_force_decodes_again_and_keeps_the_published_version(
+    demo_manifest, tmp_path, debug_config, write_manifest
+):
     root = tmp_path / "data"
     shutil.copytree(demo_manifest.parent, root)
     with (root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))[:12]
-    with (root / "tiny.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_manifest(root / "tiny.csv", rows)
     cfg = debug_config()
     run = {"progress": False, "inline": True, "name": "small"}
     first = ingest(str(root / "tiny.csv"), cfg, **run)

@@ -68,16 +68,6 @@ def manifest(tmp_path_factory) -> Path:
     return own_data(tmp_path_factory.mktemp("own"))
 
 
-def chorus(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
 def test_kinds_and_settings_come_from_the_files(manifest):
     found = init.inspect(str(manifest))
     settings = {c.name: c.settings for c in found.columns}
@@ -126,7 +116,7 @@ def test_sniff_reads_the_content(data, expected):
     assert init.sniff(data) == expected
 
 
-def test_cli_writes_a_config_that_loads_and_refuses_to_overwrite(manifest, tmp_path):
+def test_cli_writes_a_config_that_loads_and_refuses_to_overwrite(chorus, manifest, tmp_path):
     out = chorus("init", str(manifest), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "photo: image" in out.stdout and "splits: test (2), train (8)" in out.stdout
@@ -162,7 +152,7 @@ def test_init_imports_no_torch_ray_or_prefect(manifest):
     assert out.stdout.strip() == "[]"
 
 
-def test_a_manifest_with_one_modality_fails_in_one_line(tmp_path):
+def test_a_manifest_with_one_modality_fails_in_one_line(chorus, tmp_path):
     (tmp_path / "m.csv").write_text("id,caption,missing\nr0,hello there,media/none.png\n")
     out = chorus("init", str(tmp_path / "m.csv"), cwd=tmp_path)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
@@ -170,7 +160,7 @@ def test_a_manifest_with_one_modality_fails_in_one_line(tmp_path):
     assert not (tmp_path / "chorus.yaml").exists()
 
 
-def test_written_config_ingests_without_config_option(manifest, tmp_path):
+def test_written_config_ingests_without_config_option(chorus, manifest, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     assert chorus("init", str(manifest), cwd=work).returncode == 0

@@ -63,14 +63,6 @@ def _make_corpus(root: Path, rows: list[dict]) -> dict[str, tuple[str, str, str]
     return bad
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def _table(cfg, dataset_id: str):
     store = Store.open(cfg.store)
     table = pq.read_table(f"{store.dataset_uri(dataset_id)}/shards")
@@ -78,7 +70,7 @@ def _table(cfg, dataset_id: str):
 
 
 def test_corrupt_corpus_is_quarantined_and_good_rows_are_identical(
-    ray_session, demo_manifest, tmp_path, debug_config
+    ray_session, demo_manifest, tmp_path, debug_config, write_manifest
 ):
     root = tmp_path / "corpus"
     shutil.copytree(demo_manifest.parent, root)
@@ -87,7 +79,7 @@ def test_corrupt_corpus_is_quarantined_and_good_rows_are_identical(
     bad = _make_corpus(root, rows[:20])
 
     cfg = debug_config()
-    dirty = ingest(str(_write(root / "dirty.csv", rows)), cfg, progress=False)
+    dirty = ingest(str(write_manifest(root / "dirty.csv", rows)), cfg, progress=False)
     quarantine = pq.read_table(
         f"{Store.open(cfg.store).dataset_uri(dirty['id'])}/quarantine"
     ).to_pylist()
@@ -97,7 +89,9 @@ def test_corrupt_corpus_is_quarantined_and_good_rows_are_identical(
     assert dirty["rows"] == 48 - len(bad) and dirty["quarantine"]["rows"] == len(bad)
 
     clean_cfg = debug_config(store=str(tmp_path / "clean-store"))
-    clean = ingest(str(_write(root / "clean.csv", rows[len(bad) :])), clean_cfg, progress=False)
+    clean = ingest(
+        str(write_manifest(root / "clean.csv", rows[len(bad) :])), clean_cfg, progress=False
+    )
     dirty_table, clean_table = _table(cfg, dirty["id"]), _table(clean_cfg, clean["id"])
     assert dirty_table.column("id").to_pylist() == [r["id"] for r in rows[len(bad) :]]
     for name in clean_table.column_names:

@@ -7,7 +7,6 @@ downstream. No training: status reads records, and an untrained checkpoint is a 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,12 +26,12 @@ def _config(store: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def made(ingested, tmp_path_factory):
-    """A private copy of the ingested store with a run (an untrained model, published as
-    training publishes one) and its real evaluation: (store folder, run record, evaluation)."""
-    cfg, manifest = ingested
-    root = tmp_path_factory.mktemp("status") / "store"
-    shutil.copytree(cfg.store, root)
+def made(ingested, dataset_store, tmp_path_factory):
+    """A private store holding the session's dataset, a run (an untrained model, published
+    as training publishes one) and its real evaluation: (store folder, run record,
+    evaluation)."""
+    manifest = ingested[1]
+    root = dataset_store("status")
     cfg = _config(root)
     store = Store.open(cfg.store)
     view = training_view(DatasetVersion.open(store, manifest["id"]), cfg.train)

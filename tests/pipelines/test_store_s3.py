@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -27,14 +24,6 @@ from storage.artefacts import FOLDERS, Store
 # What an artefact is made of in the store; the event log and caches grow with every job.
 ARTEFACT_PREFIXES = (*FOLDERS.values(), "lineage/dataset", "lineage/run", "lineage/evaluation",
                      "lineage/report", "index/", "recipes/", "names/")  # fmt: skip
-
-
-def chorus(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pipelines.cli", *args]
-    env = os.environ | {"CHORUS_CACHE": str(cwd / "cache")}  # AWS_* point at the moto server
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=180, env=env, cwd=cwd, check=False
-    )
 
 
 def _keys(store: str) -> list[str]:
@@ -65,7 +54,7 @@ def test_a_plain_s3_client_lists_every_artefact(s3_pipeline):
     assert staged == []  # nothing half-made left (a folder marker holds nothing)
 
 
-def test_get_fetches_a_checkpoint_that_loads(s3_pipeline, tmp_path):
+def test_get_fetches_a_checkpoint_that_loads(chorus, s3_pipeline, tmp_path):
     cfg, made = s3_pipeline
     run = Store.open(cfg.store).resolve(made["run"]["run"])
     destination = tmp_path / "run"
@@ -79,7 +68,7 @@ def test_get_fetches_a_checkpoint_that_loads(s3_pipeline, tmp_path):
     assert all(torch.equal(tensor, weights[key]) for key, tensor in model.state_dict().items())
 
 
-def test_lineage_up_from_the_evaluation_and_down_from_the_dataset(s3_pipeline, tmp_path):
+def test_lineage_up_from_the_evaluation_and_down_from_the_dataset(chorus, s3_pipeline, tmp_path):
     cfg, made = s3_pipeline
     dataset, run = made["dataset"], made["run"]["run"]
     evaluation = made["evaluation"]["evaluation"]
@@ -112,7 +101,7 @@ def test_a_second_identical_run_reuses_everything(s3_pipeline, demo_manifest):
 
 
 def test_status_names_the_reason_after_the_dataset_gets_a_new_version(
-    s3_pipeline, demo_manifest, tmp_path
+    chorus, s3_pipeline, demo_manifest, tmp_path, write_manifest
 ):
     cfg, made = s3_pipeline
     args = ["status", "--json", "--preset", "debug", "--set", "train.max_steps=2"]
@@ -122,7 +111,8 @@ def test_status_names_the_reason_after_the_dataset_gets_a_new_version(
     assert json.loads(fresh.stdout) == []
 
     old = Store.open(cfg.store).resolve(made["dataset"]["id"])
-    newer = ingest(str(_fewer_rows(demo_manifest, tmp_path)), cfg, progress=False, name=old.name)
+    fewer = write_manifest(tmp_path / "manifest.csv", _fewer_rows(demo_manifest))
+    newer = ingest(str(fewer), cfg, progress=False, name=old.name)
     out = chorus(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     stale = {entry["id"]: entry["reasons"] for entry in json.loads(out.stdout)}
@@ -135,16 +125,11 @@ def test_status_names_the_reason_after_the_dataset_gets_a_new_version(
     assert cause in text.stdout, text.stderr
 
 
-def _fewer_rows(manifest: Path, folder: Path, dropped: int = 5) -> Path:
-    """The manifest without its last rows, its file paths made absolute (it moves)."""
+def _fewer_rows(manifest: Path, dropped: int = 5) -> list[dict]:
+    """The manifest's rows but its last, their file paths made absolute (they move)."""
     with manifest.open() as handle:
         rows = list(csv.DictReader(handle))[:-dropped]
     files = ("image", "audio", "timeseries")
     for row in rows:
         row.update({key: str(manifest.parent / row[key]) for key in files if row[key]})
-    target = folder / "manifest.csv"
-    with target.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return target
+    return rows

@@ -132,17 +132,9 @@ def test_load_model_by_id_and_name_from_an_s3_store(tmp_path, s3_bucket):
         load_model("demo-clip@prod", store=store)
 
 
-@pytest.fixture(scope="module")
-def trained(ingested):
-    """The debug config trained on the demo dataset: the recipe test_training.py trains
-    too, so of the two (and of any earlier test training it) only the first trains."""
-    cfg, manifest = ingested
-    return cfg, manifest, train(manifest["id"], cfg)
-
-
 @pytest.mark.slow
 def test_the_same_recipe_reuses_its_run_and_force_trains_again(trained):
-    cfg, manifest, first = trained
+    cfg, manifest, first, _ = trained  # the session's run (tests/conftest.py)
     started = time.perf_counter()
     again = train(manifest["id"], cfg)
     assert time.perf_counter() - started < 10
