@@ -12,6 +12,11 @@ So the label is determined by text and (audio or series) jointly and by neither 
 text lists one candidate class per language, and only the language picks which one. Every
 record is drawn from its own generator seeded by (seed, index), so output is byte-identical
 for a seed and independent of generation order. The manifest is written last.
+
+Missing modalities (:func:`with_missing`, ``chorus demo --missing RATE``): a second manifest
+over the same files in which, for each listed column independently, exactly ``round(RATE *
+n_train)`` training rows have an empty cell; val and test rows stay complete, so models
+trained with and without missing data are evaluated on the same fully observed rows.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import colorsys
 import csv
 import io
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -234,14 +240,43 @@ def generate(
             rows.append(make_record(out_dir, i, seed, languages, classes))
             if bar is not None:
                 bar.update()
+    _write_csv(manifest, COLUMNS, rows)  # written last: its presence means "complete"
+    return manifest
+
+
+def _write_csv(path: Path, fields: Sequence[str], rows: list[dict]) -> None:
+    """Write ``rows`` as CSV atomically (a partial file never stands under ``path``)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    partial = manifest.with_suffix(".csv.tmp")
+    partial = path.with_suffix(".csv.tmp")
     partial.write_text(buffer.getvalue(), encoding="utf-8")
-    partial.replace(manifest)  # written last and atomically: its presence means "complete"
-    return manifest
+    partial.replace(path)
+
+
+def with_missing(
+    manifest: str | Path, rate: float, columns: tuple[str, ...], seed: int = 0
+) -> Path:
+    """Write ``manifest-missing<rate>.csv`` beside ``manifest``: the same rows, with the cells
+    of ``columns`` blank in ``round(rate * n_train)`` training rows each (chosen per column
+    independently by ``seed``); other splits untouched. Returns its path."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"missing rate must be in [0, 1), got {rate}")
+    manifest = Path(manifest)
+    with manifest.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = list(reader.fieldnames or ()), list(reader)
+    if unknown := [c for c in columns if c not in fields or c in ("id", "split", "label")]:
+        raise ValueError(f"cannot blank {unknown}: not modality columns of {manifest}")
+    train = [i for i, row in enumerate(rows) if row["split"] == "train"]
+    for k, column in enumerate(columns):  # one stream per column: columns blank independently
+        rng = np.random.default_rng([seed, k, 0x6D697373])
+        for i in rng.choice(train, size=round(rate * len(train)), replace=False):
+            rows[i][column] = ""
+    out = manifest.with_name(f"{manifest.stem}-missing{rate:g}.csv")
+    _write_csv(out, fields, rows)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
