@@ -102,16 +102,6 @@ def _deployment_id(env: dict[str, str], name: str) -> str:
     return _api(env, "GET", f"/deployments/name/{name}")["id"]
 
 
-def _write_manifest(path: Path, rows: list[dict]) -> None:
-    """Whole or not at all: a scheduled run may list the folder at any moment."""
-    partial = path.with_suffix(".partial")
-    with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(path)
-
-
 def _store_json(env: dict[str, str], folder: str, suffix: str = ".json") -> list[dict]:
     """Every JSON object under ``folder`` of the stack's store (a plain S3 client)."""
     s3 = boto3.client(
@@ -144,7 +134,9 @@ def _logs(env: dict[str, str], flow_run_id: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_scheduled_incremental_ingest_and_a_failing_run(stack, demo_manifest, tmp_path):
+def test_scheduled_incremental_ingest_and_a_failing_run(
+    stack, demo_manifest, tmp_path, write_manifest
+):
     """A scheduled incremental ingest over a glob of drops; a manual run after a new drop
     decodes only that drop; a deployment with a missing input fails in one line."""
     env = stack
@@ -152,7 +144,7 @@ def test_scheduled_incremental_ingest_and_a_failing_run(stack, demo_manifest, tm
     shutil.copytree(demo_manifest.parent, drops)
     with (drops / "manifest.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))[:48]
-    _write_manifest(drops / "drop-1.csv", rows[:40])
+    write_manifest(drops / "drop-1.csv", rows[:40])
     common = ["ingest.batch_size=32", f"store={env['CHORUS_STORE']}"]
     deployments = tmp_path / "deployments.yaml"
     deployments.write_text(
@@ -225,7 +217,7 @@ def test_scheduled_incremental_ingest_and_a_failing_run(stack, demo_manifest, tm
         assert scheduled[0]["parameters"]["manifest_uri"] == str(drops / "drop-*.csv")
         assert scheduled[0]["parameters"]["incremental"] is True
 
-        _write_manifest(drops / "drop-2.csv", rows[40:])
+        write_manifest(drops / "drop-2.csv", rows[40:])
         deployment_run("chorus-ingest/tiny")
         _wait(lambda: completed(tiny, manual=True), 180, "the manual run to complete")
 

@@ -57,7 +57,7 @@ def _kill_train_worker() -> int:
 @pytest.mark.slow
 def test_killed_worker_resumes_from_its_last_checkpoint(ingested):
     base_cfg, manifest = ingested
-    overrides = [f"store={base_cfg.store}", "train.epochs=8", "train.checkpoint_every=2"]
+    overrides = [f"store={base_cfg.store}", "train.epochs=4", "train.checkpoint_every=2"]
     cfg = load("debug", None, overrides)
     dataset = DatasetVersion.open(Store.open(cfg.store), manifest["id"])
     config = run_config_for(dataset, cfg, cfg.train.objective, cfg.train.objective_options)
@@ -86,6 +86,6 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ingested):
     # epoch) and the checkpoint carries the position within the epoch.
     per_epoch = config["steps_per_epoch"]
     assert per_epoch % 2 and all(h["epoch"] == h["step"] // per_epoch for h in history)
-    # And it learns: the demo objective's loss falls over the 8 epochs (means of 3 log steps).
+    # And it learns: the demo objective's loss falls over the 4 epochs (means of 3 log steps).
     losses = [h["loss"] for h in history]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
