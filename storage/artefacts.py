@@ -6,7 +6,8 @@
     <root>/embeddings/<em-id>/...            embeddings.parquet, artefact.json
     <root>/reports/<rp-id>/...               summary.json, report.md, artefact.json
     <root>/lineage/<kind>/<id>.json          the artefact's record (LineageRecord)
-    <root>/index/<kind>/<created>~<id>~<name>  empty: what ``ls`` reads, in one listing
+    <root>/index/<kind>/<indexed>~<id>~<name>~<created>  empty: what ``ls`` reads (with
+                                             index/snapshots/, see storage.index)
     <root>/recipes/<recipe-key>.json         {"id", "kind"}: the artefact that recipe made
     <root>/names/<name>/<alias>/...          NAME@ALIAS pointers (storage.names)
     <root>/staging/<attempt>/...             attempts in progress (storage.publish)
@@ -33,17 +34,19 @@ identical artefact, so a crash between the commit and the index heals on the nex
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from storage import fs, names, publish, uris
+from storage import fs, index, names, publish, uris
 from storage.errors import StoreNotFound, UserError
 from storage.lineage import LineageRecord, digest_of
 from storage.publish import GRACE_S
@@ -61,9 +64,7 @@ PREFIXES = {"dataset": "ds", "run": "run", "evaluation": "ev", "embedding": "em"
 RECORD = "artefact.json"  # the record inside a published folder, written last
 # The file whose presence means a folder is published (a dataset's is its manifest).
 COMMITTED = {"dataset": "manifest.json"}
-INDEX, RECIPES, LINEAGE = "index", "recipes", "lineage"
-_SEP = "~"  # in index keys: outside names.IDENTIFIER, so ids and names never hold it
-_STAMP = "%Y%m%dT%H%M%SZ"
+RECIPES, LINEAGE = "recipes", "lineage"
 
 
 class ArtefactNotFound(UserError, KeyError):
@@ -126,7 +127,7 @@ class Published:
 
 @dataclass(frozen=True)
 class Entry:
-    """One artefact as ``ls`` lists it, read from its index key alone."""
+    """One artefact as ``ls`` lists it, read from its index key alone (storage.index)."""
 
     kind: str
     id: str
@@ -258,10 +259,11 @@ class Store:
         self.index(kept)
         return Published(kept, commit.won)
 
-    def index(self, record: LineageRecord) -> None:
-        """Make a published artefact findable: its record, index key, recipe pointer and
-        ``NAME@latest`` (moved only if it points elsewhere). Safe to repeat."""
-        self.record(record)
+    def index(self, record: LineageRecord, *, at: dt.datetime | None = None) -> None:
+        """Make a published artefact findable: its record, index key (``at``: when it is
+        indexed, default now), recipe pointer and ``NAME@latest`` (moved only if it points
+        elsewhere). Safe to repeat."""
+        self.record(record, at=at)
         if record.recipe_key:
             pointer = {"id": record.id, "kind": record.kind}
             key = names.check(record.recipe_key, "recipe key")
@@ -346,19 +348,15 @@ class Store:
 
     # -- records, listing, copying, removing -------------------------------------------
 
-    def record(self, record: LineageRecord) -> str:
+    def record(self, record: LineageRecord, *, at: dt.datetime | None = None) -> str:
         """Write ``record`` where ``resolve``, ``ls`` and ``show`` find it; returns its URI."""
         check_kind(record.kind)
         target = self.uri(LINEAGE, record.kind, f"{names.check(record.id, 'id')}.json")
+        if record.name:
+            names.check(record.name, "name")
         fs.write_json(target, record.to_json())
-        fs.write_bytes(self._index_key(record), b"")
+        index.add(self.root, record, at)
         return target
-
-    def _index_key(self, record: LineageRecord) -> str:
-        created = dt.datetime.fromisoformat(record.created_at).astimezone(dt.UTC)
-        name = names.check(record.name, "name") if record.name else ""
-        key = _SEP.join([created.strftime(_STAMP), record.id, name])
-        return self.uri(INDEX, record.kind, key)
 
     def lineage(self, artefact_id: str) -> dict[str, Any]:
         """The record of ``artefact_id`` as stored (a dict); ArtefactNotFound if none."""
@@ -368,24 +366,22 @@ class Store:
         return record.to_json()
 
     def entries(self, kind: str | None = None, name: str | None = None) -> list[Entry]:
-        """Every artefact (of ``kind``, named ``name``), newest first, from one listing."""
-        folder = self.uri(INDEX, check_kind(kind)) if kind else self.uri(INDEX)
-        found = []
-        for info in fs.list_files(folder):
-            entry = self._entry(info.path)
-            if entry is not None and (name is None or entry.name == name):
-                found.append(entry)
+        """Every artefact (of ``kind``, named ``name``), newest first: per kind, the index's
+        newest snapshot and the keys after it (:mod:`storage.index`; S3: kinds at once)."""
+        kinds = [check_kind(kind)] if kind else list(KINDS)
+        read = functools.partial(index.listed, self.root)
+        if uris.is_remote(self.root) and len(kinds) > 1:  # overlap the requests' latency
+            with ThreadPoolExecutor(len(kinds)) as pool:
+                keys = dict(zip(kinds, pool.map(read, kinds), strict=True))
+        else:
+            keys = {k: read(k) for k in kinds}
+        found = [
+            Entry(k, key.id, key.artefact_name, key.created_at, self.uri(FOLDERS[k], key.id))
+            for k in kinds
+            for key in keys[k]
+            if name is None or key.artefact_name == name
+        ]
         return sorted(found, key=lambda e: (e.created_at, e.id), reverse=True)
-
-    def _entry(self, path: str) -> Entry | None:
-        kind, key = path.rsplit("/", 2)[-2:]
-        parts = key.split(_SEP)
-        if kind not in FOLDERS or len(parts) != 3:
-            return None  # not an index key (e.g. a folder marker)
-        stamp, artefact_id, name = parts
-        created = dt.datetime.strptime(stamp, _STAMP).replace(tzinfo=dt.UTC)
-        uri = self.uri(FOLDERS[kind], artefact_id)
-        return Entry(kind, artefact_id, name, created.isoformat(timespec="seconds"), uri)
 
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Whole lineage records, newest first, optionally of one kind (one GET each: use
@@ -453,13 +449,13 @@ class Store:
             raise ArtefactInUse(
                 f"{record.id} is an input of {shown}: remove those first, or pass --force"
             )
-        for uri in (self._index_key(record), self.uri(LINEAGE, record.kind, f"{record.id}.json")):
-            _delete(uri)
+        index.remove(self.root, record.kind, record.id)
+        fs.delete_file(self.uri(LINEAGE, record.kind, f"{record.id}.json"))
         if record.recipe_key:
             pointer = self.uri(RECIPES, f"{record.recipe_key}.json")
             try:
                 if fs.read_json(pointer).get("id") == record.id:
-                    _delete(pointer)
+                    fs.delete_file(pointer)
             except FileNotFoundError:
                 pass
         publish.delete_tree(self.artefact_uri(record.kind, record.id))
@@ -510,14 +506,6 @@ def _is_location(reference: str) -> bool:
         or reference.startswith(("/", ".", "~", "file:"))
         or ("/" in reference or os.sep in reference)
     )
-
-
-def _delete(uri: str) -> None:
-    filesystem, path = fs.filesystem(uri)
-    try:
-        filesystem.delete_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def _kept_in_base(dataset_uri: str) -> list[tuple[str, str]]:

@@ -111,6 +111,15 @@ def write_json(uri: str, payload: Any) -> None:
     write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
+def delete_file(uri: str) -> None:
+    """Delete one file (nothing happens if it is already gone)."""
+    system, path = filesystem(uri)
+    try:
+        system.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -122,6 +131,29 @@ def list_files(uri: str, *, recursive: bool = True) -> list[pafs.FileInfo]:
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
     return sorted(infos, key=lambda i: i.path)
+
+
+def names_after(folder: str, after: str = "", limit: int | None = None) -> list[str]:
+    """The names of the files in ``folder`` after ``after``, in order; at most ``limit``.
+
+    On S3 one LIST request per 1,000 names from ``after`` on (``StartAfter``, which pyarrow
+    lacks), so a folder whose names begin with a time stamp is read from a point in time.
+    """
+    if uris.is_remote(folder):
+        from storage.publish import s3_client
+
+        bucket, _, key = folder.removeprefix("s3://").partition("/")
+        prefix = f"{key.rstrip('/')}/"
+        pages = s3_client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, StartAfter=prefix + after,
+            PaginationConfig={"MaxItems": limit} if limit else {},
+        )  # fmt: skip
+        return [item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])]
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if name > after)[:limit]
 
 
 def to_uri(template: str, path: str) -> str:

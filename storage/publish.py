@@ -37,6 +37,7 @@ from storage import fs, uris
 from storage.errors import UserError
 
 STAGING = "staging"
+KEEP_SNAPSHOTS = 3  # shared snapshots kept per folder: a reader that listed one still finds it
 GRACE_S = 6 * 3600  # an attempt silent for this long is abandoned (ingests write throughout)
 
 
@@ -144,6 +145,21 @@ def _put_if_absent_s3(uri: str, data: bytes, attempts: int = 20) -> Commit:
                 raise
         time.sleep(0.05)
     raise TimeoutError(f"conditional PUT of {uri} kept conflicting with another writer")
+
+
+def share_snapshot(folder: str, name: str, data: bytes) -> None:
+    """Publish a snapshot (a cache derived from the store, rebuilt at will) as ``folder/name``
+    unless one is there, then delete all but the newest :data:`KEEP_SNAPSHOTS`: concurrent
+    sharers each write theirs or find an equal one, and none removes the newest."""
+    put_if_absent(uris.join(folder, name), data)
+    for older in snapshot_names(folder)[:-KEEP_SNAPSHOTS]:
+        fs.delete_file(uris.join(folder, older))
+
+
+def snapshot_names(folder: str) -> list[str]:
+    """The snapshots shared in ``folder``, oldest first (their names sort in time order;
+    a local :func:`put_if_absent`'s temporary files are not snapshots)."""
+    return [name for name in fs.names_after(folder) if not name.endswith(".tmp")]
 
 
 def _existing_record(target: str, record_name: str) -> bytes:
