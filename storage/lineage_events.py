@@ -6,8 +6,10 @@
 
 emits START on entry, COMPLETE with the outputs on a normal exit, and FAIL (ABORT on a
 KeyboardInterrupt) with an ``errorMessage`` facet when the body raises; the exception goes
-on. The events are built and sent by the ``openlineage-python`` client
-(:mod:`storage.openlineage_client`, imported only when a job runs: it costs ~0.4 s).
+on. After COMPLETE the job compacts the log when it has grown long since the store's newest
+lineage snapshot (:func:`storage.lineage_graph.compact`), so queries stay short. The
+events are built and sent by the ``openlineage-python`` client (:mod:`storage.openlineage_client`,
+imported only when a job runs: it costs ~0.4 s).
 
 Transport: one JSON file per event in the store, ``lineage/events/`` (the event log
 ``chorus lineage`` reads, see :mod:`storage.lineage_graph`). When OpenLineage is configured
@@ -20,6 +22,7 @@ lineage server down) logs a warning: lineage never fails the job it describes.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +30,8 @@ from typing import Any
 from storage import fs
 
 EVENTS = ("lineage", "events")  # the event log's folder under the store root
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,3 +123,9 @@ def lineage_run(store, job: str, inputs: Sequence[LineageDataset] = ()) -> Itera
         emitter.emit("FAIL" if isinstance(exc, Exception) else "ABORT", error=exc)
         raise
     emitter.emit("COMPLETE")
+    from storage import lineage_graph
+
+    try:
+        lineage_graph.compact(store.root)
+    except Exception as exc:  # lineage never fails the job it describes; queries read more
+        log.warning("lineage log of %s not compacted: %s", store.root, exc)

@@ -7,18 +7,24 @@ by its content id (the ``version`` facet: ``ds-...``, a run name, ``ev-...``, ``
 checkpoint folder) is the node some job output at that URI (the newest before it, else the
 first one after it). The log is read as plain JSON: no OpenLineage client needed.
 
-The graph is the store's own story on any machine that can read the store; the only index
-is a snapshot on this machine (:func:`cache_path`), which can always be rebuilt from the log.
+The graph is the store's own story on any machine that can read the store; its only
+indexes are snapshots (this machine's, :func:`cache_path`, and the store's, below), which can
+always be rebuilt from the log.
 Event names start with their UTC time and end with their type (``<time>-<run>-<TYPE>.json``),
 so the snapshot records the newest event it applied and a query lists only the names after
 it (S3 ``StartAfter``), less :data:`SETTLE_S` for events that land late, and reads only the
 COMPLETE ones it has not applied: a warm query costs one short listing, not the whole log.
 
-A machine without a snapshot (or with one far behind) starts from the newest one shared in
-the store, ``lineage/snapshots/<newest event applied>``: a query that applied
-:data:`SHARE_EVERY` events publishes its snapshot there (once, atomically; a store this user
-cannot write to only misses the speed-up). Shared snapshots are derived from the log alone:
-removing ``lineage/snapshots/`` costs the next machine one full read.
+The store shares snapshots too, ``lineage/snapshots/<newest event applied>``, and a query
+starts from the newest one when this machine has none or an older one. Writers keep every
+query short: after its COMPLETE event a job that finds :data:`COMPACT_EVERY` COMPLETE events
+after the newest shared snapshot (two short listings) shares a new one (:func:`compact`), so
+no query, not even the first on a new machine, reads more than one snapshot and a tail of
+about that many events. A query that applied that many (a store an older chorus wrote)
+shares its snapshot as well. Sharing is atomic and best effort (a store this user cannot
+write to only misses the speed-up; concurrent sharers write equal snapshots, older ones are
+pruned). Shared snapshots are derived from the log alone: removing ``lineage/snapshots/``
+costs the next query one full read of the log.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ import json
 import logging
 import os
 import posixpath
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage import fs, uris
+from storage import fs, publish, uris
 from storage.errors import UserError
 from storage.lineage_events import EVENTS
 
@@ -50,7 +57,7 @@ SETTLE_S = 600
 STAMP = "%Y%m%dT%H%M%S.%fZ"  # how event names begin (storage.openlineage_client)
 SNAPSHOT_FORMAT = 2
 SNAPSHOTS = ("lineage", "snapshots")  # the shared snapshots' folder under the store root
-SHARE_EVERY = 1000  # COMPLETE events applied after which a query shares its snapshot
+COMPACT_EVERY = 100  # COMPLETE events after the newest shared snapshot: then share a new one
 
 
 class LineageNotFound(UserError, LookupError):
@@ -278,23 +285,24 @@ class Snapshot:
 def load(store_root: str) -> Graph:
     """The graph of every COMPLETE event in the store at ``store_root``.
 
-    Starts from this machine's snapshot (:func:`cache_path`), else the newest shared in the
-    store, lists the log after it and applies the COMPLETE events it has not seen. A snapshot
-    whose newest event is no longer in the log (the store was removed or replaced) is
-    rebuilt, as is a missing or unreadable one: deleting it costs one full read of the log.
+    Starts from this machine's snapshot (:func:`cache_path`) or the newest shared in the
+    store, whichever is newer, lists the log after it and applies the COMPLETE events it has
+    not seen. A snapshot whose newest event is no longer in the log (the store was removed or
+    replaced) is rebuilt, as is a missing or unreadable one: with none shared either, that
+    costs one full read of the log.
     """
     cache = cache_path(store_root)
     local = _read_snapshot(cache, store_root)
-    snapshot = local or _shared_snapshot(store_root) or Snapshot(store_root)
+    snapshot = _newest(store_root, local)
     events = uris.join(store_root, *EVENTS)
-    names = names_after(events, snapshot.start)
+    names = fs.names_after(events, snapshot.start)
     if snapshot.last and snapshot.last not in names:
         snapshot = Snapshot(store_root)
-        names = names_after(events, "")
+        names = fs.names_after(events, "")
     new = [name for name in names if name.endswith(COMPLETE) and name not in snapshot.recent]
     if new:
         snapshot.apply(new, _summaries(store_root, new))
-        if snapshot.unshared >= SHARE_EVERY:
+        if snapshot.unshared >= COMPACT_EVERY:
             _share(snapshot)
     if new or snapshot is not local:
         _write_snapshot(cache, snapshot)
@@ -315,27 +323,44 @@ def _read_snapshot(path: Path, store_root: str) -> Snapshot | None:
         return None
 
 
-def _shared_snapshot(store_root: str) -> Snapshot | None:
-    """The newest snapshot shared in the store, if it can be read (else the log is)."""
+def compact(store_root: str) -> None:
+    """What a job does after its COMPLETE event: when :data:`COMPACT_EVERY` COMPLETE events
+    follow the newest snapshot shared in the store, query the graph, which shares a new one."""
+    shared = _shared_names(store_root)
+    after = fs.names_after(uris.join(store_root, *EVENTS), shared[-1] if shared else "")
+    if sum(name.endswith(COMPLETE) for name in after) >= COMPACT_EVERY:
+        load(store_root)
+
+
+def _shared_names(store_root: str) -> list[str]:
     folder = uris.join(store_root, *SNAPSHOTS)
-    names = [name for name in names_after(folder, "") if name.endswith(COMPLETE)]  # no temps
-    if not names:
-        return None
-    try:
-        return Snapshot.from_json(store_root, fs.read_json(uris.join(folder, names[-1])))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("shared lineage snapshot %s unreadable (%s): reading the log", names[-1], exc)
-        return None
+    return [name for name in publish.snapshot_names(folder) if name.endswith(COMPLETE)]
+
+
+def _newest(store_root: str, local: Snapshot | None) -> Snapshot:
+    """``local``, unless the store shares a newer snapshot (read, if it can be: else the
+    log is); a new one when neither exists."""
+    folder = uris.join(store_root, *SNAPSHOTS)
+    for _ in range(3):  # a sharer may prune the one listed: the list then has a newer one
+        names = _shared_names(store_root)
+        if not names or (local is not None and local.last >= names[-1]):
+            break
+        try:
+            return Snapshot.from_json(store_root, fs.read_json(uris.join(folder, names[-1])))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("shared lineage snapshot %s unreadable (%s): not used", names[-1], exc)
+            break
+    return local or Snapshot(store_root)
 
 
 def _share(snapshot: Snapshot) -> None:
     """Publish ``snapshot`` in the store, named by its newest event; best effort."""
-    from storage.publish import put_if_absent
-
     snapshot.unshared = 0
-    target = uris.join(snapshot.root, *SNAPSHOTS, snapshot.last)
+    folder = uris.join(snapshot.root, *SNAPSHOTS)
     try:
-        put_if_absent(target, json.dumps(snapshot.to_json()).encode())
+        publish.share_snapshot(folder, snapshot.last, json.dumps(snapshot.to_json()).encode())
     except Exception as exc:  # e.g. read-only credentials: queries work, only slower
         log.info("lineage snapshot not shared in the store (%s)", exc)
 
@@ -344,33 +369,11 @@ def _write_snapshot(path: Path, snapshot: Snapshot) -> None:
     """Atomically (a concurrent query reads the old or the new snapshot, never half of one)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_suffix(f".{os.getpid()}.tmp")
+        temp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # one per writer, threads too
         temp.write_text(json.dumps(snapshot.to_json()))
         os.replace(temp, path)
     except OSError:  # a read-only home: queries still work, uncached
         pass
-
-
-def names_after(folder: str, after: str) -> list[str]:
-    """The names of the files in ``folder`` after ``after``, in order (the log's: time order)."""
-    if uris.is_remote(folder):
-        return _s3names_after(folder, after)
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    return sorted(name for name in names if name > after)
-
-
-def _s3names_after(folder: str, after: str) -> list[str]:
-    """One LIST request per 1,000 names, from ``after`` on (pyarrow has no ``StartAfter``)."""
-    from storage.publish import s3_client
-
-    bucket, _, key = folder.removeprefix("s3://").partition("/")
-    prefix = f"{key}/"
-    pages = s3_client().get_paginator("list_objects_v2")
-    listing = pages.paginate(Bucket=bucket, Prefix=prefix, StartAfter=prefix + after)
-    return [item["Key"][len(prefix) :] for page in listing for item in page.get("Contents", [])]
 
 
 def _summaries(store_root: str, names: list[str]) -> list[Summary]:

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import threading
 import time
 
 import attr
@@ -14,7 +15,7 @@ import pytest
 from openlineage.client.event_v2 import RunState
 from openlineage.client.uuid import generate_new_uuid
 
-from storage import fs, lineage_graph, uris
+from storage import fs, lineage_graph, publish, uris
 from storage.artefacts import Store
 from storage.errors import UserError
 from storage.lineage_events import (
@@ -180,7 +181,7 @@ def test_a_warm_query_reads_only_the_events_after_its_snapshot(store):
 
 
 def test_a_machine_without_a_snapshot_starts_from_the_one_shared_in_the_store(store, monkeypatch):
-    monkeypatch.setattr(lineage_graph, "SHARE_EVERY", 3)
+    monkeypatch.setattr(lineage_graph, "COMPACT_EVERY", 3)
     graph = lineage_graph.load(store.root)  # 8 COMPLETE events applied: shared
     (shared,) = fs.list_files(store.uri(*lineage_graph.SNAPSHOTS))
     lineage_graph.cache_path(store.root).unlink()  # another machine
@@ -244,3 +245,71 @@ def test_a_thousand_runs_query_in_well_under_a_second(tmp_path):
         seconds = time.perf_counter() - started
         assert len(down.nodes) == 1001
         assert seconds < limit, f"{case}: {seconds:.2f} s"
+
+
+def _complete_after_newest_shared(store: Store) -> int:
+    shared = publish.snapshot_names(store.uri(*lineage_graph.SNAPSHOTS))
+    after = shared[-1] if shared else ""
+    names = fs.names_after(store.uri(*EVENTS), after)
+    return sum(name.endswith(lineage_graph.COMPLETE) for name in names)
+
+
+def test_jobs_compact_the_log_so_a_first_query_reads_a_snapshot_and_a_short_tail(
+    store, monkeypatch
+):
+    monkeypatch.setattr(lineage_graph, "COMPACT_EVERY", 3)
+    for number in range(7):  # after the fixture's 8 jobs: their COMPLETE events compact
+        _train(store, "ds-a", f"more-{number}")
+    assert publish.snapshot_names(store.uri(*lineage_graph.SNAPSHOTS))  # no query made
+    assert _complete_after_newest_shared(store) < 3
+    lineage_graph.cache_path(store.root).unlink()  # a new machine
+    _silence_the_first_ingest(store)  # a first query that read the log would lose it
+    graph = lineage_graph.load(store.root)
+    assert MANIFEST in graph.nodes
+    assert {f"more-{n}" for n in range(7)} <= _ids(graph.closure("ds-a", down=True))
+
+
+def test_a_newer_shared_snapshot_replaces_an_older_local_one(store, monkeypatch, tmp_path):
+    lineage_graph.load(store.root)  # this machine's snapshot
+    mine = lineage_graph.cache_path(store.root)
+    monkeypatch.setenv("CHORUS_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(lineage_graph, "COMPACT_EVERY", 3)
+    for number in range(4):  # jobs on another machine share newer snapshots
+        _train(store, "ds-b", f"elsewhere-{number}")
+    monkeypatch.setenv("CHORUS_CACHE", str(mine.parent))
+    after = json.loads(mine.read_text())["last"]
+    events = fs.names_after(store.uri(*EVENTS), after)
+    first = next(name for name in events if name.endswith(lineage_graph.COMPLETE))
+    fs.write_bytes(store.uri(*EVENTS, first), b"{}")  # read again, elsewhere-0 would be lost
+    assert {f"elsewhere-{n}" for n in range(4)} <= _down(store, "ds-b")
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_concurrent_jobs_compact_safely(backend, tmp_path, monkeypatch, request):
+    """Jobs in threads, each compacting after its COMPLETE event: every first query (on a
+    machine without a snapshot) sees them all, as a full read of the log does."""
+    monkeypatch.setattr(lineage_graph, "COMPACT_EVERY", 4)
+    if backend == "local":
+        store = Store.open(str(tmp_path / "store"))
+    else:
+        store = Store.open(f"s3://{request.getfixturevalue('s3_bucket')()}/store")
+    threads, jobs = 5, 6
+    barrier = threading.Barrier(threads)
+
+    def work(thread: int) -> None:
+        barrier.wait()
+        for job in range(jobs):
+            _train(store, "ds-0", f"r{thread}-{job}")
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    made = {"ds-0"} | {f"r{t}-{j}" for t in range(threads) for j in range(jobs)}
+    assert _down(store, "ds-0") == made
+    assert _complete_after_newest_shared(store) < 4 + threads  # writers kept the tail short
+    assert len(publish.snapshot_names(store.uri(*lineage_graph.SNAPSHOTS))) <= 3 + threads
+    lineage_graph.cache_path(store.root).unlink()
+    publish.delete_tree(store.uri(*lineage_graph.SNAPSHOTS))
+    assert _down(store, "ds-0") == made  # the log alone says the same
