@@ -134,6 +134,8 @@ def _hint(folder: str) -> int:
         return int(fs.read_json(uris.join(folder, HEAD))["seq"])
     except FileNotFoundError:
         return 0
+    except ValueError:  # read while a mover rewrote it (pyarrow: HEAD, then GET): list all
+        return 0
 
 
 def _seqs(folder: str, start: int = 0) -> list[int]:
