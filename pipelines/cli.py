@@ -92,8 +92,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         demo_data.generate(folder, size=cfg.demo.size, seed=cfg.demo.seed, progress=True)
     objectives = dict(cfg.demo.objectives)
     summary = _flows().end_to_end(str(manifest.resolve()), cfg, objectives, force=args.force)
-    _emit(args, summary["table"] if args.json else summary, report.render(summary))
+    if not args.missing:
+        _emit(args, summary["table"] if args.json else summary, report.render(summary))
+        return 0
+    target = cfg.evaluate.target or next(iter(cfg.data.columns))
+    blank = tuple(name for name in cfg.data.columns if name != target)
+    partial = demo_data.with_missing(manifest, args.missing, blank, seed=cfg.demo.seed)
+    console.note(f"{', '.join(blank)} blank in {args.missing:.0%} of the training rows: {partial}")
+    missing = _flows().end_to_end(str(partial.resolve()), cfg, objectives, force=args.force)
+    tables = {"observed": summary["table"], "missing": missing["table"], "rate": args.missing}
+    text = report.with_and_without(summary, missing, args.missing, blank)
+    _emit(args, tables, text)
     return 0
+
+
+def _missing_rate(value: str) -> float:
+    rate = float(value)
+    if not 0.0 <= rate < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return rate
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -418,6 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         parents=[_config_options(preset="demo", default_file=None)],
         help="generate demo data and run end to end",
+    )
+    p.add_argument(
+        "--missing",
+        type=_missing_rate,
+        default=0.0,
+        metavar="RATE",
+        help="also train with each non-target modality blank in this fraction of the training "
+        "rows (e.g. 0.3) and compare with the fully observed runs on the same test rows",
     )
     p.set_defaults(func=cmd_demo)
 

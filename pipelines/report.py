@@ -175,6 +175,30 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def with_and_without(
+    observed: dict[str, Any], missing: dict[str, Any], rate: float, blank: Sequence[str]
+) -> str:
+    """Both reports, then one table: each objective trained on fully observed data and with
+    ``blank`` missing in ``rate`` of the training rows, evaluated on the same test rows."""
+    shown = _shown(observed)
+    lines = [
+        render(observed),
+        "",
+        render(missing),
+        "",
+        f"missing modalities: {', '.join(blank)} each blank in {rate:.0%} of the training rows "
+        "(evaluated on the same fully observed test rows)",
+        f"{'objective':<10}{'training data':<18}" + "".join(f"{n:>16}" for _, _, n in shown),
+    ]
+    runs = {"fully observed": observed["table"], f"{rate:.0%} missing": missing["table"]}
+    for objective in [row["objective"] for row in observed["table"]]:
+        for label, rows in runs.items():
+            row = next(r for r in rows if r["objective"] == objective)
+            cells = "".join(f"{_cell(row, k):>16}" for k, _, _ in shown)
+            lines.append(f"{objective:<10}{label:<18}{cells}")
+    return "\n".join(lines)
+
+
 def _markdown(summary: dict[str, Any]) -> str:
     first, shown = next(iter(summary["evaluations"].values())), _shown(summary)
     keys = [k for k, _, _ in shown] + ["R@5", "R@10", "mrr"]

@@ -50,8 +50,19 @@ class ChorusModel(nn.Module):
                 for name, cfg in self.configs.items()
             }
         )
+        # A blank cell's embedding starts at the multiplicative identity of Symile's MIP
+        # (ones: under L2 and mip_scaling each factor is ones / sqrt(d) * sqrt(d)), so a
+        # missing modality first drops out of the product instead of scrambling it with a
+        # random sign pattern; at norm sqrt(d) Adam also turns it ~50x slower than at the
+        # 0.02 * sqrt(d) of a random init (BENCHMARKS "Missing modalities"). LayerNorm
+        # would map ones to zeros, so it keeps the small random init.
         self.missing = nn.ParameterDict(
-            {name: nn.Parameter(torch.randn(embed_dim) * 0.02) for name in columns}
+            {
+                name: nn.Parameter(
+                    torch.ones(embed_dim) if normalize == "l2" else torch.randn(embed_dim) * 0.02
+                )
+                for name in columns
+            }
         )
         self.norms = nn.ModuleDict(
             {name: nn.LayerNorm(embed_dim) for name in columns} if normalize == "layernorm" else {}

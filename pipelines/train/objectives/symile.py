@@ -19,10 +19,23 @@ with MIPs of negative tuples; the loss is the mean over anchors of the mean cros
 logits (Gated Symile's scaling); otherwise the learned scale is left uncapped
 (``max_logit_scale=None``) so it can grow as L2-normalised MIPs require.
 
-Missing modalities (``missing=``): ``"use_all"`` (default, the paper's policy) — the encoder
-replaces an absent input with a placeholder plus a missingness indicator, so every row is a
-valid tuple and ``present`` is ignored. ``"drop"`` — rows where any modality is absent are
-removed both as anchors and as candidates (aligned across modalities, globally).
+Missing modalities (``missing=``; the model has already put its learned "missing" embedding
+where a value is absent, so every row is a tuple):
+
+* ``"matched"`` (the default with ``n`` sampling): each row is contrasted only over the
+  modalities it has. For row i a non-anchor modality j that is absent keeps row i's own
+  placeholder in every candidate (folded into the query:
+  ``q_i = s * R[a]_i * prod_{j absent} R[j]_i``), and a present one is drawn, per
+  candidate, from the rows where j is present (a permutation of them, repeated to N).
+  So a negative never differs from its positive by missingness alone: with 30 % of three
+  modalities blank, ``1 - 0.7^3 = 66 %`` of "use_all" negatives hold a placeholder, and for
+  a fully observed positive they are told apart by the placeholder, not by content
+  (BENCHMARKS "Missing modalities"). With nothing absent it equals ``"use_all"`` draw for
+  draw. ``n`` sampling only.
+* ``"use_all"`` (the default with ``n_squared``): placeholders are ordinary rows; ``present``
+  is ignored.
+* ``"drop"``: rows where any modality is absent are removed both as anchors and as
+  candidates (aligned across modalities, globally).
 
 Output: ``anchor_<m>_loss`` is anchor m's mean cross-entropy divided by M, so the terms sum
 to ``loss``; stats: ``logit_scale`` and ``tc_lower_bound = log(N_global) - loss``.
@@ -51,7 +64,7 @@ from pipelines.train.objectives._common import (
 from pipelines.train.objectives.nsquared import nsquared_logsumexp
 
 SAMPLINGS = ("n", "n_squared")
-MISSING = ("use_all", "drop")
+MISSING = ("matched", "use_all", "drop")
 
 
 def _mip(rows: list[Tensor]) -> Tensor:
@@ -78,12 +91,16 @@ class Symile:
         *,
         negative_sampling: str = "n",
         mip_scaling: bool = False,
-        missing: str = "use_all",
+        missing: str | None = None,
         generator: torch.Generator | None = None,
         block_elems: int | None = None,
     ) -> None:
         check_choice("negative_sampling", negative_sampling, SAMPLINGS)
+        if missing is None:
+            missing = "matched" if negative_sampling == "n" else "use_all"
         check_choice("missing", missing, MISSING)
+        if missing == "matched" and negative_sampling != "n":
+            raise ValueError("missing='matched' needs negative_sampling='n'")
         self.negative_sampling = negative_sampling
         self.mip_scaling = mip_scaling
         self.missing = missing
@@ -97,14 +114,17 @@ class Symile:
         present: Mapping[str, Tensor] | None = None,
         logit_bias: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        views = make_views(features, present if self.missing == "drop" else None)
+        views = make_views(features, None if self.missing == "use_all" else present)
         m, d = len(views.names), views.local[views.names[0]].shape[1]
         s = logit_scale.float() * mip_factor(m, d, self.mip_scaling)
-        sel = select_rows(views, pair_valid(views, views.names))
+        drop = self.missing == "drop"
+        sel = select_rows(views, pair_valid(views, views.names) if drop else None)
         loc = [pick(views.local[k], sel.rows) for k in views.names]
         glo = [pick(views.glob[k], sel.cols) for k in views.names]
         pos = s * _mip(loc)
-        if self.negative_sampling == "n":
+        if self.missing == "matched" and views.present is not None:
+            sums = self._matched_ce_sums(views, s, pos, sel.target)
+        elif self.negative_sampling == "n":
             sums = self._n_ce_sums(loc, glo, s, pos, sel.target)
         else:
             sums = [(lse - pos).sum() for lse in self._n_squared_lse(views, loc, glo, s)]
@@ -133,6 +153,47 @@ class Symile:
                 cand = shuffled if cand is None else cand * shuffled
             logits = (s * loc[a]) @ cand.T  # scale the (n, d) side, not the logits
             logits = logits.scatter(1, target[:, None], pos[:, None])  # positives on the diagonal
+            sums.append(F.cross_entropy(logits, target, reduction="sum"))
+        return sums
+
+    def _matched_ce_sums(
+        self, views: Views, s: Tensor, pos: Tensor, target: Tensor
+    ) -> list[Tensor]:
+        """Per anchor, summed CE where every candidate shares its row's missingness pattern.
+
+        Rows are grouped by which non-anchor modalities they have (at most 2^(M-1) groups);
+        a group's candidates multiply, per present modality, rows drawn from those where it
+        is present, and its queries carry their own absent modalities' placeholders.
+        """
+        names, g = views.names, views.n_global
+        loc, glo = [views.local[k] for k in names], [views.glob[k] for k in names]
+        here = [views.present[k] for k in names]  # local rows
+        there = [views.present_glob[k] for k in names]  # global rows
+        sums = []
+        for a in range(len(names)):
+            others = [j for j in range(len(names)) if j != a]
+            shuffled = {}
+            for j in others:  # one permutation per modality, drawn in the package's order
+                rows = there[j].nonzero().squeeze(1)
+                order = rows[torch.randperm(len(rows), generator=self.generator).to(rows.device)]
+                if len(order):
+                    repeat = torch.arange(g, device=order.device) % len(order)
+                    shuffled[j] = glo[j].index_select(0, order[repeat])
+            pattern = torch.zeros_like(here[a], dtype=torch.long)
+            for bit, j in enumerate(others):
+                pattern = pattern | (here[j].long() << bit)
+            logits = torch.empty(len(pattern), g, device=pos.device, dtype=pos.dtype)
+            for p in pattern.unique().tolist():
+                rows = (pattern == p).nonzero().squeeze(1)
+                query = s * loc[a].index_select(0, rows)
+                cand = torch.ones_like(glo[a])
+                for bit, j in enumerate(others):
+                    if p >> bit & 1:
+                        cand = cand * shuffled[j]
+                    else:  # absent: the row's own placeholder, in every candidate
+                        query = query * loc[j].index_select(0, rows)
+                logits = logits.index_copy(0, rows, query @ cand.T)
+            logits = logits.scatter(1, target[:, None], pos[:, None])
             sums.append(F.cross_entropy(logits, target, reduction="sum"))
         return sums
 

@@ -1,0 +1,180 @@
+"""Missing modalities: blank demo cells, the model's placeholders and Symile's matched policy.
+
+The last test runs ``chorus demo --missing`` end to end (debug preset, tiny data) as a user
+would; the others are unit-sized.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modalities import registry
+from pipelines import demo_data
+from pipelines.config import load
+from pipelines.train.model import ChorusModel
+from pipelines.train.objectives import get_objective
+
+BLANK = ("audio", "text", "timeseries")
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ blank cells in demo data
+
+
+def test_cells_blank_at_the_rate_in_training_rows_only(tmp_path):
+    full = demo_data.generate(tmp_path, size=200, seed=4)
+    partial = demo_data.with_missing(full, 0.3, BLANK, seed=4)
+    assert partial == tmp_path / "manifest-missing0.3.csv"
+    before, after = _rows(full), _rows(partial)
+    train = [i for i, row in enumerate(before) if row["split"] == "train"]
+    for column in BLANK:
+        blank = {i for i, row in enumerate(after) if row[column] == ""}
+        assert blank <= set(train) and len(blank) == round(0.3 * len(train))
+    blank_sets = [{i for i, row in enumerate(after) if row[c] == ""} for c in BLANK]
+    assert len(set.union(*blank_sets)) > len(blank_sets[0])  # columns blank independently
+    for a, b in zip(before, after, strict=True):  # nothing else changes
+        kept = {k: v for k, v in b.items() if v != "" or k not in BLANK}
+        assert kept.items() <= a.items() and b["image"] == a["image"]
+    assert _rows(demo_data.with_missing(full, 0.3, BLANK, seed=4)) == after  # deterministic
+    with pytest.raises(ValueError, match="rate"):
+        demo_data.with_missing(full, 1.0, BLANK)
+    with pytest.raises(ValueError, match="label"):
+        demo_data.with_missing(full, 0.3, ("label",))
+
+
+# ------------------------------------------------------------------ the model's placeholders
+
+
+def _model_and_batch(n: int = 6):
+    columns = {
+        name: spec.model_dump()
+        for name, spec in load("debug").data.columns.items()
+        if name in ("image", "audio", "timeseries")
+    }
+    torch.manual_seed(0)
+    model = ChorusModel(columns, embed_dim=16)
+    batch = {}
+    for name, cfg in model.configs.items():
+        spec = registry.get(cfg.kind).output_spec(cfg)
+        for suffix, column in model.input_columns(name).items():
+            dtype, shape = spec[suffix]
+            values = np.random.default_rng(1).integers(0, 255, size=(n, *shape))
+            batch[column] = torch.from_numpy(values.astype(dtype))
+        batch[f"{name}_present"] = torch.ones(n, dtype=torch.bool)
+    batch["audio_present"][[1, 4]] = False
+    batch["timeseries_present"][[4]] = False
+    return model, batch
+
+
+def test_placeholders_stand_where_cells_are_blank():
+    model, batch = _model_and_batch()
+    features = model(batch)["features"]
+    placeholder = F.normalize(model.missing["audio"], dim=0)
+    for row in range(6):
+        is_placeholder = torch.allclose(features["audio"][row], placeholder)
+        assert is_placeholder == (row in (1, 4))
+    torch.testing.assert_close(
+        features["timeseries"][4], F.normalize(model.missing["timeseries"], dim=0)
+    )
+    # Blank rows do not depend on their (zero-filled) inputs, present rows do.
+    changed = dict(batch, audio=batch["audio"] + 1.0)
+    again = model(changed)["features"]["audio"]
+    torch.testing.assert_close(again[[1, 4]], features["audio"][[1, 4]])
+    assert not torch.allclose(again[0], features["audio"][0])
+
+
+@pytest.mark.parametrize("missing", ["matched", "use_all"])
+def test_gradients_reach_the_missing_embeddings(missing):
+    model, batch = _model_and_batch()
+    out = model(batch)
+    present = {name: batch[f"{name}_present"] for name in out["features"]}
+    objective = get_objective("symile", mip_scaling=True, missing=missing)
+    objective(out["features"], out["logit_scale"], present)["loss"].backward()
+    for name in ("audio", "timeseries"):  # blank somewhere: learned
+        assert model.missing[name].grad is not None and model.missing[name].grad.abs().sum() > 0
+    unused = model.missing["image"].grad  # never blank: no gradient
+    assert unused is None or not unused.any()
+
+
+# ------------------------------------------------------------------ Symile's matched policy
+
+
+def _naive_matched(f, present, s, generator):
+    """Row by row: a candidate's modality j is a permuted row where j is present when the
+    row has j, else the row's own placeholder; the diagonal is the positive."""
+    names, n = list(f), next(iter(f.values())).shape[0]
+    total = 0.0
+    for anchor in names:
+        others = [k for k in names if k != anchor]
+        order = {}
+        for k in others:
+            rows = present[k].nonzero().squeeze(1)
+            order[k] = rows[torch.randperm(len(rows), generator=generator)]
+        for i in range(n):
+            logits = []
+            for c in range(n):
+                prod = f[anchor][i]
+                for k in others:
+                    real = f[k][order[k][c % len(order[k])]] if c != i else f[k][i]
+                    prod = prod * (real if present[k][i] else f[k][i])
+                logits.append(s * prod.sum())
+            total = total + F.cross_entropy(torch.stack(logits)[None], torch.tensor([i]))
+    return total / (n * len(names))
+
+
+def test_matched_equals_its_row_by_row_definition():
+    g = torch.Generator().manual_seed(0)
+    f = {k: F.normalize(torch.randn(7, 5, generator=g), dim=1) for k in ("a", "b", "c", "d")}
+    present = {k: torch.rand(7, generator=g) > 0.35 for k in f}
+    present["a"][:] = True
+    s = torch.tensor(3.0)
+    out = get_objective("symile", generator=torch.Generator().manual_seed(5))(f, s, present)
+    ref = _naive_matched(f, present, s, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(out["loss"], ref)
+
+
+def test_matched_is_use_all_when_nothing_is_missing():
+    g = torch.Generator().manual_seed(1)
+    f = {k: F.normalize(torch.randn(9, 6, generator=g), dim=1) for k in ("a", "b", "c")}
+    every = {k: torch.ones(9, dtype=torch.bool) for k in f}
+    s = torch.tensor(5.0)
+    seed = torch.Generator().manual_seed
+    matched = get_objective("symile", missing="matched", generator=seed(2))(f, s, every)
+    use_all = get_objective("symile", missing="use_all", generator=seed(2))(f, s, every)
+    torch.testing.assert_close(matched["loss"], use_all["loss"])
+    with pytest.raises(ValueError, match="matched"):
+        get_objective("symile", negative_sampling="n_squared", missing="matched")
+
+
+# ------------------------------------------------------------------ chorus demo --missing
+
+
+def test_demo_with_missing_end_to_end(tmp_path):
+    sets = ["train.epochs=1", "evaluate.sweep=false", "evaluate.bootstrap=2", "demo.size=80"]
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "demo", "--preset", "debug", "--missing", "0.3",
+         "--store", str(tmp_path / "store"), "--json", *sum((["--set", s] for s in sets), [])],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables = json.loads(out.stdout)
+    assert tables["rate"] == 0.3
+    for key in ("observed", "missing"):
+        assert [row["objective"] for row in tables[key]] == ["symile", "clip"]
+        assert all(0.0 <= row["class_accuracy"] <= 1.0 for row in tables[key])
+    partial = next((tmp_path / ".chorus" / "demo-data").glob("*/manifest-missing0.3.csv"))
+    train = [row for row in _rows(partial) if row["split"] == "train"]
+    assert sum(row["audio"] == "" for row in train) == round(0.3 * len(train))
+    assert all(row["image"] for row in _rows(partial))
