@@ -162,7 +162,7 @@ def test_matched_is_use_all_when_nothing_is_missing():
 
 
 def test_demo_with_missing_end_to_end(tmp_path):
-    sets = ["train.epochs=1", "evaluate.sweep=false", "evaluate.bootstrap=2", "demo.size=80"]
+    sets = ["train.max_steps=2", "evaluate.sweep=false", "evaluate.bootstrap=2", "demo.size=80"]
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "demo", "--preset", "debug", "--missing", "0.3",
          "--store", str(tmp_path / "store"), "--json", *sum((["--set", s] for s in sets), [])],
