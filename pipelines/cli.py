@@ -107,9 +107,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _missing_rate(value: str) -> float:
-    rate = float(value)
-    if not 0.0 <= rate < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = float("nan")
+    if not 0.0 <= rate < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a fraction in [0, 1) is needed, got {value!r}")
     return rate
 
 

@@ -178,3 +178,15 @@ def test_demo_with_missing_end_to_end(tmp_path):
     train = [row for row in _rows(partial) if row["split"] == "train"]
     assert sum(row["audio"] == "" for row in train) == round(0.3 * len(train))
     assert all(row["image"] for row in _rows(partial))
+
+
+@pytest.mark.parametrize("rate", ["1", "-0.1", "nan", "0.3x"])
+def test_a_bad_missing_rate_fails_before_any_work(rate, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "demo", "--missing", rate,
+         "--store", str(tmp_path / "store")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines()[-1].endswith(f"a fraction in [0, 1) is needed, got '{rate}'")
+    assert not (tmp_path / "store").exists() and not (tmp_path / ".chorus").exists()
