@@ -10,6 +10,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import OneLineParser
+
 DEMO_DATA_DIR = ".chorus/demo-data"
 VERBOSE_HELP = "show Ray's, Prefect's and the workers' logs live on stderr (default: a log file)"
 DEFAULT_CONFIG = "chorus.yaml"  # read from the working directory when --config is not given
@@ -20,7 +22,7 @@ def _config_options(
 ) -> argparse.ArgumentParser:
     from pipelines.presets import PRESETS
 
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = OneLineParser(add_help=False)
     parent.set_defaults(default_config=default_file)
     group = parent.add_argument_group("configuration")
     group.add_argument(
@@ -425,7 +427,7 @@ def cmd_objectives(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(  # its subparsers are of its class: every error on one line
         prog="chorus",
         description="Paired images, audio, text and time series -> versioned Arrow datasets "
         "-> N-modality contrastive embeddings (Symile, CLIP, ...), with lineage.",

@@ -16,7 +16,6 @@ chance on average while Symile follows the Bayes curve.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines.errors import OneLineParser
 from pipelines.train.objectives import get_objective
 
 METHODS = {"symile": {"negative_sampling": "n_squared"}, "clip": {}}
@@ -199,7 +199,7 @@ def write_outputs(out: Path, rows: list[dict], summary: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``chorus experiment xor ...``. Returns 0 when the expected separation holds."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(  # a mistake: one line, exit 2, as every chorus command
         prog="chorus experiment xor", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="values of p")

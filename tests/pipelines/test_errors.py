@@ -116,3 +116,31 @@ def test_checkpoint_that_does_not_exist(chorus, store, tmp_path):
     missing = str(tmp_path / "no-checkpoint")
     out = chorus("evaluate", missing, dataset, "--preset", "debug", "--store", root, cwd=tmp_path)
     assert_user_error(out, missing)
+
+
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        ([], ["chorus:", "COMMAND", "`chorus --help`"]),
+        (["ingest", "m.csv", "--store", "store", "--bogus"], ["chorus ingest:", "--bogus"]),
+        (["train", "--store", "store"], ["chorus train:", "dataset", "`chorus train --help`"]),
+        (["evaluate", "run-x", "ds-x", "extra", "--store", "store"], ["chorus evaluate:", "extra"]),
+        (["demo", "--store", "store", "--missing", "x"], ["--missing", "'x'"]),
+        (["demo", "--store", "store", "--missing", "1.5"], ["--missing", "'1.5'"]),
+        (["artefacts", "bogus", "--store", "store"], ["chorus artefacts:", "'bogus'", "'ls'"]),
+        (["artefacts", "gc", "--grace", "soon", "--store", "store"], ["--grace", "'soon'"]),
+        (["lineage", "ds-x", "--format", "png", "--store", "store"], ["--format", "'png'"]),
+        (["deploy", "m.csv", "--interval", "daily", "--store", "store"], ["--interval", "'daily'"]),
+        (["experiment", "xor", "--bogus"], ["chorus experiment xor:", "--bogus"]),
+    ],
+)
+def test_argument_mistakes_are_one_line_before_any_work(chorus, command, named, tmp_path):
+    """argparse's own errors (an unknown flag, a missing argument, a bad choice or value) keep
+    the contract of every other user error: no usage block above the line, nothing written."""
+    assert_user_error(chorus(*command, cwd=tmp_path), *named)
+    assert list(tmp_path.iterdir()) == []  # no store, no log folder
+
+
+def test_help_of_a_command_still_shows_its_usage(chorus, tmp_path):
+    out = chorus("train", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("usage: chorus train")
