@@ -163,8 +163,9 @@ class DatasetVersion:
         from ray.data.expressions import col
 
         filesystem, _ = fs.filesystem(self.uri)
-        wanted = None if columns is None else list(dict.fromkeys([*columns, "id", "split"]))
-        dataset = ray.data.read_parquet(self.shard_paths(), filesystem=filesystem, columns=wanted)
+        dataset = ray.data.read_parquet(self.shard_paths(), filesystem=filesystem)
+        if columns is not None:  # pushed down into the Parquet read (Ray 2.60 deprecates columns=)
+            dataset = dataset.select_columns(list(dict.fromkeys([*columns, "id", "split"])))
         if split is not None:
             stored, ids, keep = self._selection(split)
             rows = col("split") == stored
