@@ -41,6 +41,10 @@ CASES: list[tuple[str, dict, int, bool]] = [
     ("symile", {"negative_sampling": "n_squared", "missing": "drop"}, 3, True),
     ("symile", {"negative_sampling": "n", "generator": 5}, 3, False),
     ("symile", {"negative_sampling": "n", "generator": 5}, 2, False),
+    # missing="matched" (the default with n): candidates drawn from the global present rows.
+    ("symile", {"negative_sampling": "n", "generator": 5}, 3, True),
+    ("symile", {"negative_sampling": "n", "missing": "matched", "generator": 7}, 4, True),
+    ("symile", {"negative_sampling": "n", "missing": "use_all", "generator": 5}, 3, True),
 ]
 
 
