@@ -188,5 +188,5 @@ def test_a_bad_missing_rate_fails_before_any_work(rate, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.splitlines()[-1].endswith(f"a fraction in [0, 1) is needed, got '{rate}'")
+    assert f"--missing: a fraction in [0, 1) is needed, got '{rate}'" in out.stderr.splitlines()[-1]
     assert not (tmp_path / "store").exists() and not (tmp_path / ".chorus").exists()
