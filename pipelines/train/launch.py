@@ -10,6 +10,7 @@ is then published as one artefact, ``runs/<run-id>/`` with the selected checkpoi
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from modalities.base import with_tower_settings
@@ -25,7 +26,7 @@ from pipelines.train.checkpoint import (
     stage_run,
 )
 from pipelines.train.loop import total_steps, train_loop_per_worker
-from storage import fs, publish, uris
+from storage import fs, lease, publish, uris
 from storage.artefacts import Recipe, Store
 from storage.errors import UserError
 from storage.lineage import LineageRecord
@@ -186,29 +187,32 @@ def _result(record: LineageRecord) -> dict[str, Any]:
 def _train_and_publish(
     store: Store, dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], made: Recipe
 ) -> LineageRecord:
-    """Train in the recipe's working folder, publish the run, then free the folder."""
+    """Train in the recipe's working folder, publish the run, then free the folder; the
+    folder's lease makes a second identical training fail at once, naming the first."""
     if dataset.holdout:
         note(holdout_note(dataset))
     working = working_folder(store, made)
-    by_val = cfg.train.keep_by == "val_loss"
-    result = _fit(dataset, cfg, config, working)
-    best = fs.to_uri(store.root, _best(result, by_val).path)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    if by_val:
-        metrics["best_step"] = fs.read_json(uris.join(best, STATE_FILE))["step"]
-    staging = store.begin()
-    stage_run(staging.uri, best, fs.to_uri(store.root, result.checkpoint.path))
-    source = store.resolve(dataset.id, kind="dataset")
-    published = store.publish(
-        staging,
-        kind="run",
-        name=f"{source.name or source.id}-{config['objective']}",
-        inputs=[source],
-        config=config,
-        metrics=metrics,
-        recipe=made,
-    )
-    publish.delete_tree(working)
+    with lease.held(working, what="a training of the same recipe") as held:
+        by_val = cfg.train.keep_by == "val_loss"
+        result = _fit(dataset, cfg, config, working)
+        best = fs.to_uri(store.root, _best(result, by_val).path)
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+        if by_val:
+            metrics["best_step"] = fs.read_json(uris.join(best, STATE_FILE))["step"]
+        held.check()  # the working folder is still this run's alone
+        staging = store.begin()
+        stage_run(staging.uri, best, fs.to_uri(store.root, result.checkpoint.path))
+        source = store.resolve(dataset.id, kind="dataset")
+        published = store.publish(
+            staging,
+            kind="run",
+            name=f"{source.name or source.id}-{config['objective']}",
+            inputs=[source],
+            config=config,
+            metrics=metrics,
+            recipe=made,
+        )
+        publish.delete_tree(working)
     return published.record
 
 
@@ -240,7 +244,7 @@ def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], wor
     by_val = cfg.train.keep_by == "val_loss"
     progress = TrainingProgress(total_steps(config))
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        functools.partial(train_loop_per_worker, progress=progress.sink),
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -258,7 +262,6 @@ def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], wor
             ),
             failure_config=ray.train.FailureConfig(max_failures=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress bar
-            callbacks=[progress.callback],
         ),
         datasets=datasets,
     )

@@ -54,7 +54,10 @@ def _schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any], progress: Any = None) -> None:
+    """One worker's training; ``progress`` (a :class:`pipelines.train.progress.ProgressSink`,
+    or None) receives rank 0's metrics at every log step. Ray Train hears only the
+    checkpoints: a metrics-only ``ray.train.report`` blocks until Ray's controller polls."""
     import ray.train
     import ray.train.torch
 
@@ -112,7 +115,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 timing = {"step_s": step_s, "data_wait_s": waited / in_window}
                 metrics = _metrics(state, terms, grad_norm, optimizer, timing, train, world)
                 history.append(metrics)
-                ray.train.report(metrics)  # the driver draws it (pipelines.train.progress)
+                if progress is not None and rank == 0:
+                    progress.push(metrics)  # the driver draws it (pipelines.train.progress)
                 waited, in_window, window = 0.0, 0, time.perf_counter()
             if state["step"] % train["checkpoint_every"] == 0 or state["step"] == total:
                 started = time.perf_counter()
