@@ -144,3 +144,28 @@ def test_argument_mistakes_are_one_line_before_any_work(chorus, command, named, 
 def test_help_of_a_command_still_shows_its_usage(chorus, tmp_path):
     out = chorus("train", "--help", cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("usage: chorus train")
+
+
+def test_a_second_identical_training_fails_at_once_naming_the_first(chorus, store, tmp_path):
+    """Two identical trainings would share one working folder: while one holds its lease
+    (here this test process), the other stops before any work, in one line naming it."""
+    import os
+
+    from pipelines.config import load
+    from pipelines.dataset import DatasetVersion
+    from pipelines.train import launch
+    from storage import lease
+    from storage.artefacts import Store
+
+    root, dataset_id = store
+    cfg = load("debug", None, [f"store={root}"])
+    opened = Store.open(root)
+    dataset = launch.training_view(DatasetVersion.open(opened, dataset_id), cfg.train)
+    train = cfg.train
+    config = launch.run_config_for(dataset, cfg, train.objective, train.objective_options)
+    working = launch.working_folder(opened, launch.train_recipe(config))
+    with lease.held(working):
+        out = chorus("train", dataset_id, "--preset", "debug", "--store", root, cwd=tmp_path)
+        assert sorted(os.listdir(working)) == ["lease-000001.json"]  # no checkpoint written
+    line = assert_user_error(out, "already running", working, f"pid {os.getpid()}")
+    assert line.startswith("error: a training of the same recipe is already running")
