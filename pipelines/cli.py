@@ -102,8 +102,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     partial = demo_data.with_missing(manifest, args.missing, blank, seed=cfg.demo.seed)
     console.note(f"{', '.join(blank)} blank in {args.missing:.0%} of the training rows: {partial}")
     missing = _flows().end_to_end(str(partial.resolve()), cfg, objectives, force=args.force)
+    compared = report.write_missing(cfg, summary, missing, args.missing, blank, force=args.force)
     tables = {"observed": summary["table"], "missing": missing["table"], "rate": args.missing}
+    tables["report"] = compared["uri"]
     text = report.with_and_without(summary, missing, args.missing, blank)
+    text += f"\n\nwith and without missing data: {compared['uri']}/report.md"
     _emit(args, tables, text)
     return 0
 

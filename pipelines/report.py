@@ -175,6 +175,34 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _missing_rows(
+    observed: dict[str, Any], missing: dict[str, Any], rate: float
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(objective, training data, table row): each objective fully observed, then missing."""
+    runs = {"fully observed": observed["table"], f"{rate:.0%} missing": missing["table"]}
+    out = []
+    for objective in [row["objective"] for row in observed["table"]]:
+        for label, rows in runs.items():
+            row = next((r for r in rows if r["objective"] == objective), None)
+            if row is not None:
+                out.append((objective, label, row))
+    return out
+
+
+def _missing_changes(
+    observed: dict[str, Any], missing: dict[str, Any], key: str
+) -> list[tuple[str, str]]:
+    """Per objective: its score with missing data minus fully observed, ± the combined spread."""
+    changes = []
+    for before in observed["table"]:
+        after = next((r for r in missing["table"] if r["objective"] == before["objective"]), None)
+        if after is None or before[key] is None or after[key] is None:
+            continue
+        spread = math.hypot(before[f"{key}_std"] or 0.0, after[f"{key}_std"] or 0.0)
+        changes.append((before["objective"], f"{after[key] - before[key]:+.3f} ± {spread:.3f}"))
+    return changes
+
+
 def with_and_without(
     observed: dict[str, Any], missing: dict[str, Any], rate: float, blank: Sequence[str]
 ) -> str:
@@ -190,13 +218,112 @@ def with_and_without(
         "(evaluated on the same fully observed test rows)",
         f"{'objective':<10}{'training data':<18}" + "".join(f"{n:>16}" for _, _, n in shown),
     ]
-    runs = {"fully observed": observed["table"], f"{rate:.0%} missing": missing["table"]}
-    for objective in [row["objective"] for row in observed["table"]]:
-        for label, rows in runs.items():
-            row = next(r for r in rows if r["objective"] == objective)
-            cells = "".join(f"{_cell(row, k):>16}" for k, _, _ in shown)
-            lines.append(f"{objective:<10}{label:<18}{cells}")
+    for objective, label, row in _missing_rows(observed, missing, rate):
+        cells = "".join(f"{_cell(row, k):>16}" for k, _, _ in shown)
+        lines.append(f"{objective:<10}{label:<18}{cells}")
+    if changes := _missing_changes(observed, missing, "class_accuracy"):
+        lines.append(
+            f"class acc, {rate:.0%} missing - fully observed: "
+            + ", ".join(f"{o} {c}" for o, c in changes)
+        )
     return "\n".join(lines)
+
+
+def missing_markdown(
+    observed: dict[str, Any], missing: dict[str, Any], rate: float, blank: Sequence[str]
+) -> str:
+    """``report.md`` of ``chorus demo --missing``: every objective on the same tasks, trained
+    with and without missing data, and the two reports it compares."""
+    first, shown = next(iter(observed["evaluations"].values())), _shown(observed)
+    names = [n for _, _, n in shown]
+    lines = [
+        "# chorus missing-modalities report",
+        "",
+        f"Each objective trained twice: on fully observed data, and with {', '.join(blank)} "
+        f"each blank in {rate:.0%} of the training rows (the model puts its learned "
+        '"missing" embedding there). Both are evaluated on the same fully observed '
+        f"`{first['split']}` rows ({first['rows']}): retrieve **{first['target']}** given "
+        f"**{' + '.join(first['query'])}**; ± is the bootstrap standard deviation over "
+        f"{observed['bootstrap']} resamples of the queries.",
+        "",
+        "| objective | training data | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for objective, label, row in _missing_rows(observed, missing, rate):
+        lines.append(
+            f"| {objective} | {label} | " + " | ".join(_md_cell(row, k) for k, _, _ in shown) + " |"
+        )
+    chance = [_num(observed["table"][0][c]) for _, c, _ in shown]
+    lines.append("| chance | | " + " | ".join(chance) + " |")
+    lines.append("")
+    if changes := _missing_changes(observed, missing, "class_accuracy"):
+        lines.append(
+            f"Class accuracy, {rate:.0%} missing − fully observed (± combined spread): "
+            + ", ".join(f"{o} {c}" for o, c in changes)
+            + "."
+        )
+    for label, summary in (("fully observed", observed), (f"{rate:.0%} missing", missing)):
+        if diffs := [f"{n} {d}" for k, _, n in shown if (d := _difference(summary["table"], k))]:
+            lines.append(f"Symile − CLIP, {label}: " + ", ".join(diffs) + ".")
+    lines += [
+        "",
+        f"Reports: fully observed `{observed['uri']}` (dataset `{observed['dataset']['id']}`), "
+        f"{rate:.0%} missing `{missing['uri']}` (dataset `{missing['dataset']['id']}`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_missing(
+    cfg: ChorusConfig,
+    observed: dict[str, Any],
+    missing: dict[str, Any],
+    rate: float,
+    blank: Sequence[str],
+    *,
+    store: Store | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Publish the with/without comparison (``summary.json`` and ``report.md``, from
+    :func:`missing_markdown`) as a report on the two reports ``write`` returned, named after
+    the partial dataset; reused like any report. Returns its ``report`` id, ``uri`` and
+    ``reused``."""
+    from pipelines.train.evaluate import reusable
+
+    if store is None:
+        store = Store.open(cfg.store)
+    sources = [store.resolve(s["report"], kind="report") for s in (observed, missing)]
+    parameters = {"missing_rate": rate, "blank": list(blank)}
+    made = recipe("report", parameters, [source.content_id or source.id for source in sources])
+    inputs = [LineageDataset(uri=s.uri, kind=s.kind, id=s.id) for s in sources]
+    with lineage_run(store, "report", inputs) as run:
+        record = reusable(store, made, force)
+        reused = record is not None
+        if record is None:
+            summary = {
+                "missing_rate": rate,
+                "blank": list(blank),
+                "observed": {"report": observed["report"], "table": observed["table"]},
+                "missing": {"report": missing["report"], "table": missing["table"]},
+            }
+            staging = store.begin()
+            fs.write_bytes(staging.path(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+            markdown = missing_markdown(observed, missing, rate, blank)
+            fs.write_bytes(staging.path("report.md"), markdown.encode())
+            name = (sources[1].name or sources[1].id).removesuffix(".report")
+            record = store.publish(
+                staging,
+                kind="report",
+                name=f"{name}.missing-report",
+                inputs=sources,
+                config=dict(made.parameters),
+                metrics={
+                    f"{objective} {label}": row["class_accuracy"]
+                    for objective, label, row in _missing_rows(observed, missing, rate)
+                },
+                recipe=made,
+            ).record
+        run.output(folder(record.uri, kind="report", id=record.id))
+    return {"report": record.id, "uri": record.uri, "reused": reused}
 
 
 def _markdown(summary: dict[str, Any]) -> str:

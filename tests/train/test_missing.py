@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from pipelines import demo_data
 from pipelines.config import load
 from pipelines.train.model import ChorusModel
 from pipelines.train.objectives import get_objective
+from storage.artefacts import Store
 
 BLANK = ("audio", "text", "timeseries")
 
@@ -161,23 +164,94 @@ def test_matched_is_use_all_when_nothing_is_missing():
 # ------------------------------------------------------------------ chorus demo --missing
 
 
-def test_demo_with_missing_end_to_end(tmp_path):
-    sets = ["train.max_steps=2", "evaluate.sweep=false", "evaluate.bootstrap=2", "demo.size=80"]
+def _summary(scores: dict[str, float], dataset: str) -> dict:
+    """A report summary as :func:`report.write` returns it, with these class accuracies."""
+    from pipelines import report
+
+    evaluations = {
+        objective: {"target": "image", "query": ["text", "audio"], "split": "test", "rows": 126,
+                    "class_accuracy": acc, "class_chance": 0.108,
+                    "bootstrap": {"class_accuracy_std": 0.03}}
+        for objective, acc in scores.items()
+    }  # fmt: skip
+    return {
+        "table": report.table(evaluations),
+        "evaluations": evaluations,
+        "bootstrap": 200,
+        "dataset": {"id": dataset, "rows": 1500, "quarantined": 0},
+        "uri": f"/s/reports/{dataset}",
+        "report": f"rp-{dataset}",
+    }
+
+
+def test_the_missing_report_compares_each_objective_with_and_without():
+    from pipelines import report
+
+    observed = _summary({"symile": 0.857, "clip": 0.262}, "ds-full")
+    missing = _summary({"symile": 0.802, "clip": 0.198}, "ds-part")
+    md = report.missing_markdown(observed, missing, 0.3, BLANK)
+    lines = md.splitlines()
+    rows = [line for line in lines if line.startswith("| symile") or line.startswith("| clip")]
+    assert rows == [
+        "| symile | fully observed | 0.857 ± 0.030 |",
+        "| symile | 30% missing | 0.802 ± 0.030 |",
+        "| clip | fully observed | 0.262 ± 0.030 |",
+        "| clip | 30% missing | 0.198 ± 0.030 |",
+    ]
+    assert "| objective | training data | class acc |" in lines
+    assert "| chance | | 0.108 |" in lines
+    assert "audio, text, timeseries each blank in 30% of the training rows" in md
+    assert "same fully observed `test` rows (126)" in md
+    assert "symile -0.055 ± 0.042, clip -0.064 ± 0.042" in md
+    assert "Symile − CLIP, fully observed: class acc +0.595 ± 0.042." in md
+    assert "Symile − CLIP, 30% missing: class acc +0.604 ± 0.042." in md
+    assert "`/s/reports/ds-full`" in md and "`ds-part`" in md
+    text = report.with_and_without(observed, missing, 0.3, BLANK)
+    assert "class acc, 30% missing - fully observed: symile -0.055 ± 0.042" in text
+
+
+def test_demo_with_missing_end_to_end(prefect_harness, ray_session, tmp_path):
+    """``chorus demo --missing`` as a user runs it, in a fresh interpreter, on the session's
+    Ray and Prefect API (a cluster and an API server of its own were most of its cost): the
+    partial manifest, the flows of both halves and the with/without report. One objective
+    (Symile, whose matched policy is what blank cells exercise) keeps it to two trainings;
+    the report's rows for several objectives are tested above."""
+    import ray
+    from prefect.settings import PREFECT_API_URL
+
+    env = os.environ | {
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+    }
+    sets = [
+        "train.max_steps=2",
+        "evaluate.sweep=false",
+        "evaluate.bootstrap=2",
+        "demo.size=80",
+        "demo.objectives={symile: {negative_sampling: n, mip_scaling: true}}",
+    ]
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "demo", "--preset", "debug", "--missing", "0.3",
          "--store", str(tmp_path / "store"), "--json", *sum((["--set", s] for s in sets), [])],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     tables = json.loads(out.stdout)
     assert tables["rate"] == 0.3
     for key in ("observed", "missing"):
-        assert [row["objective"] for row in tables[key]] == ["symile", "clip"]
+        assert [row["objective"] for row in tables[key]] == ["symile"]
         assert all(0.0 <= row["class_accuracy"] <= 1.0 for row in tables[key])
     partial = next((tmp_path / ".chorus" / "demo-data").glob("*/manifest-missing0.3.csv"))
     train = [row for row in _rows(partial) if row["split"] == "train"]
     assert sum(row["audio"] == "" for row in train) == round(0.3 * len(train))
     assert all(row["image"] for row in _rows(partial))
+    md = (Path(tables["report"]) / "report.md").read_text()
+    observed, missing = tables["observed"][0], tables["missing"][0]
+    assert f"| symile | fully observed | {observed['class_accuracy']:.3f}" in md
+    assert f"| symile | 30% missing | {missing['class_accuracy']:.3f}" in md
+    store = Store.open(str(tmp_path / "store"))
+    (record,) = [r for r in store.list() if r["name"].endswith(".missing-report")]
+    assert {i["kind"] for i in store.lineage(record["id"])["inputs"]} == {"report"}
 
 
 @pytest.mark.parametrize("rate", ["1", "-0.1", "nan", "0.3x"])
