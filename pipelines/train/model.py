@@ -91,8 +91,17 @@ class ChorusModel(nn.Module):
 
     def encode(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {s: batch[c] for s, c in self.input_columns(name).items()}
-        features = self.towers[name](inputs)
         present = batch.get(f"{name}_present")
+        if present is None or bool(present.all()) or not bool(present.any()):
+            features = self.towers[name](inputs)  # all present, or nothing to encode
+        else:
+            # Only the present rows go through the tower: a blank cell's zero-filled input
+            # would otherwise enter the BatchNorm batch statistics (and running stats) of the
+            # real rows, in a share that varies from batch to batch.
+            rows = present.to(torch.bool).nonzero().squeeze(1)
+            encoded = self.towers[name]({s: v.index_select(0, rows) for s, v in inputs.items()})
+            features = encoded.new_zeros(present.shape[0], encoded.shape[1])
+            features = features.index_copy(0, rows, encoded)
         if present is not None:
             present = present.to(torch.bool).unsqueeze(-1)
             features = torch.where(present, features, self.missing[name].to(features.dtype))

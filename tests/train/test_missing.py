@@ -98,12 +98,37 @@ def test_placeholders_stand_where_cells_are_blank():
     assert not torch.allclose(again[0], features["audio"][0])
 
 
+def test_blank_rows_stay_out_of_the_towers_batch_statistics():
+    """A blank row's zero-filled input never reaches the tower: in training mode the present
+    rows' features and the BatchNorm running stats are those of the present rows alone."""
+    model, batch = _model_and_batch()
+    twin, _ = _model_and_batch()
+    model.train(), twin.train()
+    torch.manual_seed(3)  # the same augmentation draws for the same present rows
+    out = model(batch, ["audio"])["features"]["audio"]
+    keep = torch.tensor([0, 2, 3, 5])  # audio is blank in rows 1 and 4
+    torch.manual_seed(3)
+    ref = twin({k: v[keep] for k, v in batch.items()}, ["audio"])["features"]["audio"]
+    torch.testing.assert_close(out[keep], ref)
+    norms = [m for m in model.towers["audio"].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    twins = [m for m in twin.towers["audio"].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    for a, b in zip(norms, twins, strict=True):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+    # With every row blank the tower still runs (DDP needs its parameters in the graph).
+    nothing = dict(batch, audio_present=torch.zeros(6, dtype=torch.bool))
+    features = model(nothing, ["audio"])["features"]["audio"]
+    assert features.grad_fn is not None
+
+
 @pytest.mark.parametrize("missing", ["matched", "use_all"])
 def test_gradients_reach_the_missing_embeddings(missing):
     model, batch = _model_and_batch()
     out = model(batch)
     present = {name: batch[f"{name}_present"] for name in out["features"]}
-    objective = get_objective("symile", mip_scaling=True, missing=missing)
+    fill = {"fill": "placeholder"} if missing == "matched" else {}
+    objective = get_objective("symile", mip_scaling=True, missing=missing, **fill)
     objective(out["features"], out["logit_scale"], present)["loss"].backward()
     for name in ("audio", "timeseries"):  # blank somewhere: learned
         assert model.missing[name].grad is not None and model.missing[name].grad.abs().sum() > 0
@@ -143,9 +168,14 @@ def test_matched_equals_its_row_by_row_definition():
     present = {k: torch.rand(7, generator=g) > 0.35 for k in f}
     present["a"][:] = True
     s = torch.tensor(3.0)
-    out = get_objective("symile", generator=torch.Generator().manual_seed(5))(f, s, present)
-    ref = _naive_matched(f, present, s, torch.Generator().manual_seed(5))
+    seed = torch.Generator().manual_seed
+    out = get_objective("symile", fill="placeholder", generator=seed(5))(f, s, present)
+    ref = _naive_matched(f, present, s, seed(5))
     torch.testing.assert_close(out["loss"], ref)
+    # fill="mean" (the default): a blank cell is the mean of its modality's present rows.
+    mean = {k: torch.where(present[k][:, None], v, v[present[k]].mean(0)) for k, v in f.items()}
+    out = get_objective("symile", generator=seed(5))(f, s, present)
+    torch.testing.assert_close(out["loss"], _naive_matched(mean, present, s, seed(5)))
 
 
 def test_matched_is_use_all_when_nothing_is_missing():

@@ -32,6 +32,11 @@ where a value is absent, so every row is a tuple):
   a fully observed positive they are told apart by the placeholder, not by content
   (BENCHMARKS "Missing modalities"). With nothing absent it equals ``"use_all"`` draw for
   draw. ``n`` sampling only.
+  ``fill="mean"`` (the default) first replaces a blank cell by the mean of that modality's
+  present rows in the global batch, the expected embedding, which is how the evaluation
+  scores a modality left out of a query; ``fill="placeholder"`` keeps the model's learned
+  "missing" embedding. On the demo at 30 % missing, mean 0.603 vs placeholder 0.278 class
+  accuracy for image given text + audio (BENCHMARKS "Missing modalities").
 * ``"use_all"`` (the default with ``n_squared``): placeholders are ordinary rows; ``present``
   is ignored.
 * ``"drop"``: rows where any modality is absent are removed both as anchors and as
@@ -65,6 +70,7 @@ from pipelines.train.objectives.nsquared import nsquared_logsumexp
 
 SAMPLINGS = ("n", "n_squared")
 MISSING = ("matched", "use_all", "drop")
+FILLS = ("mean", "placeholder")
 
 
 def _mip(rows: list[Tensor]) -> Tensor:
@@ -72,6 +78,23 @@ def _mip(rows: list[Tensor]) -> Tensor:
     for r in rows[1:]:
         out = out * r
     return out.sum(dim=1)
+
+
+def _mean_filled(views: Views) -> Views:
+    """``views`` with each absent row of a modality replaced by the mean of its present rows
+    in the global batch: a blank cell enters the MIP as the expected embedding, as the
+    evaluation scores a modality left out of a query (the MIP is linear in each slot)."""
+    local, glob = dict(views.local), dict(views.glob)
+    for k in views.names:
+        there = views.present_glob[k]
+        if bool(there.all()) or not bool(there.any()):
+            continue
+        mean = glob[k][there].mean(0)
+        local[k] = torch.where(views.present[k][:, None], local[k], mean)
+        glob[k] = torch.where(there[:, None], glob[k], mean)
+    return Views(
+        views.names, local, glob, views.present, views.present_glob, views.offset, views.world
+    )
 
 
 def mip_factor(num_modalities: int, dim: int, enabled: bool) -> float:
@@ -92,10 +115,12 @@ class Symile:
         negative_sampling: str = "n",
         mip_scaling: bool = False,
         missing: str | None = None,
+        fill: str = "mean",
         generator: torch.Generator | None = None,
         block_elems: int | None = None,
     ) -> None:
         check_choice("negative_sampling", negative_sampling, SAMPLINGS)
+        check_choice("fill", fill, FILLS)
         if missing is None:
             missing = "matched" if negative_sampling == "n" else "use_all"
         check_choice("missing", missing, MISSING)
@@ -104,6 +129,7 @@ class Symile:
         self.negative_sampling = negative_sampling
         self.mip_scaling = mip_scaling
         self.missing = missing
+        self.fill = fill
         self.generator = generator
         self.block_elems = block_elems
 
@@ -115,6 +141,8 @@ class Symile:
         logit_bias: Tensor | None = None,
     ) -> dict[str, Tensor]:
         views = make_views(features, None if self.missing == "use_all" else present)
+        if self.fill == "mean" and self.missing == "matched" and views.present is not None:
+            views = _mean_filled(views)
         m, d = len(views.names), views.local[views.names[0]].shape[1]
         s = logit_scale.float() * mip_factor(m, d, self.mip_scaling)
         drop = self.missing == "drop"
