@@ -240,8 +240,9 @@ def missing_markdown(
         "# chorus missing-modalities report",
         "",
         f"Each objective trained twice: on fully observed data, and with {', '.join(blank)} "
-        f"each blank in {rate:.0%} of the training rows (the model puts its learned "
-        '"missing" embedding there). Both are evaluated on the same fully observed '
+        f"each blank in {rate:.0%} of the training rows (Symile fills a blank cell "
+        "with the batch mean of that modality's present rows). Both are evaluated on the "
+        "same fully observed "
         f"`{first['split']}` rows ({first['rows']}): retrieve **{first['target']}** given "
         f"**{' + '.join(first['query'])}**; ± is the bootstrap standard deviation over "
         f"{observed['bootstrap']} resamples of the queries.",
