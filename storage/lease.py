@@ -126,10 +126,15 @@ def take(folder: str, ttl_s: float = TTL_S, *, what: str = "work") -> Lease:
                     "to finish (the same command then reuses its result) or stop it"
                 )
         body["renewed"] = time.time()
-        commit = publish.put_if_absent(uris.join(folder, _name(generation)), _encode(body))
-        if commit.won:
-            break
-        # Another taker won this generation: look again (it is probably alive now).
+        uri = uris.join(folder, _name(generation))
+        if publish.put_if_absent(uri, _encode(body)).won:
+            # A listing that raced a winner's write-then-delete can miss both and let this
+            # taker win a number below the winner's: the higher generation decides.
+            newest = _newest(folder)
+            if newest is None or newest[0] <= generation:
+                break
+            fs.delete_file(uri)
+        # Another taker won: look again (it is probably alive now).
     for older in _generations(folder):
         if older < generation:
             fs.delete_file(uris.join(folder, _name(older)))
@@ -187,15 +192,24 @@ def _generations(folder: str) -> list[int]:
 
 
 def _newest(folder: str) -> tuple[int, dict] | None:
-    """The newest generation in ``folder`` and its body (None when there is none)."""
-    for generation in reversed(_generations(folder)):
+    """The newest generation in ``folder`` and its body (None when there is none).
+
+    A listed file that is gone when read was released or superseded (a taker deletes the
+    older generations after writing its own), so the folder is listed again: falling back
+    to an older generation, or to none, would let a second taker win a number below the
+    live holder's."""
+    while True:
+        generations = _generations(folder)
+        if not generations:
+            return None
         try:
-            return generation, json.loads(fs.read_bytes(uris.join(folder, _name(generation))))
-        except FileNotFoundError:  # released meanwhile: an older one may still be there
+            return generations[-1], json.loads(
+                fs.read_bytes(uris.join(folder, _name(generations[-1])))
+            )
+        except FileNotFoundError:
             continue
         except ValueError:  # a renewal being written (S3 writes are whole): count it held
-            return generation, {"renewed": time.time(), "host": "?", "pid": "?"}
-    return None
+            return generations[-1], {"renewed": time.time(), "host": "?", "pid": "?"}
 
 
 def _encode(body: dict) -> bytes:
