@@ -116,6 +116,17 @@ class DatasetVersion:
             return uris.join(self.uri, entry["path"])
         return uris.join(uris.parent(self.uri), entry["dataset"], entry["path"])
 
+    def assets(self) -> dict[str, dict[str, str]]:
+        """Each column's fitted preprocessing state (e.g. the text vocabulary): file name ->
+        content, as ingest fitted it (or kept it from an incremental version's base)."""
+        return {
+            name: {
+                filename: fs.read_bytes(uris.join(self.uri, "assets", name, filename)).decode()
+                for filename in filenames
+            }
+            for name, filenames in self.manifest.get("assets", {}).items()
+        }
+
     def split_size(self, split: str) -> int:
         if self.holdout and split == VAL:
             return self.holdout.rows

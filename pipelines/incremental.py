@@ -38,7 +38,7 @@ from pipelines.decode import (
     write_part,
 )
 from pipelines.identity import Identity
-from storage import fs, uris
+from storage import fs
 from storage.artefacts import Store
 from storage.errors import UserError
 from storage.lineage import digest_of
@@ -80,13 +80,7 @@ class Base:
         return self.version.file_uri(staged.entry())
 
     def assets(self) -> dict[str, dict[str, str]]:
-        return {
-            name: {
-                filename: fs.read_bytes(uris.join(self.uri, "assets", name, filename)).decode()
-                for filename in filenames
-            }
-            for name, filenames in self.manifest["assets"].items()
-        }
+        return self.version.assets()
 
     def lineage_input(self) -> dict[str, Any]:
         return {"id": self.id, "kind": "dataset", "uri": self.uri, "role": "base"}

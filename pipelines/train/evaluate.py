@@ -61,9 +61,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from modalities.base import TOWER_FIELDS
 from pipelines.config import ChorusConfig, EvalConfig
 from pipelines.console import note, progress
-from pipelines.dataset import DatasetVersion, SplitTooSmall
+from pipelines.dataset import DatasetNotFound, DatasetVersion, SplitTooSmall
 from pipelines.recipes import recipe
 from pipelines.train.checkpoint import (
     CONFIG_FILE,
@@ -428,8 +429,53 @@ def open_checkpoint(store: Store, checkpoint: str, dataset: str | None) -> Opene
     found = resolve_checkpoint(store, checkpoint)
     config = fs.read_json(uris.join(found.uri, CONFIG_FILE))
     source = store.resolve(dataset or config["dataset_id"], kind="dataset")
-    version = run_view(DatasetVersion.open(store, source.id), config)
-    return Opened(store, found, version, source, config)
+    version = DatasetVersion.open(store, source.id)
+    if version.id != config["dataset_id"]:
+        _check_preprocessed_alike(store, config, version)
+    return Opened(store, found, run_view(version, config), source, config)
+
+
+class PreprocessingMismatch(UserError, ValueError):
+    """The dataset to evaluate on was not preprocessed as the run's training data was."""
+
+
+def _check_preprocessed_alike(store: Store, config: dict[str, Any], dataset: DatasetVersion):
+    """Refuses a dataset whose columns the model would misread: another fitted vocabulary (a
+    word-level tokenizer is fitted per dataset, so the same token id means another word;
+    compared when the run's training dataset is in ``store``) or a preprocessing setting
+    that differs from the run's."""
+    trained_on = config["dataset_id"]
+    try:
+        fitted = DatasetVersion.open(store, trained_on).assets()
+    except DatasetNotFound:
+        fitted = None
+    theirs = dataset.assets()
+    for name, trained in config["columns"].items():
+        stored = dataset.columns.get(name)
+        if stored is None:
+            raise PreprocessingMismatch(
+                f"dataset {dataset.id} has no column {name!r}, which the run's model encodes "
+                f"(its columns: {', '.join(dataset.columns)})"
+            )
+        if fitted is not None and fitted.get(name) != theirs.get(name):
+            raise PreprocessingMismatch(
+                f"column {name!r} of dataset {dataset.id} has another fitted vocabulary than "
+                f"the run's training data ({trained_on}), so its token ids mean other words: "
+                f"ingest it with `chorus ingest MANIFEST --incremental --base {trained_on}` "
+                "to keep the run's vocabulary"
+            )
+        differ = sorted(
+            key
+            for key in (trained.keys() | stored.keys()) - TOWER_FIELDS
+            if trained.get(key) != stored.get(key)
+        )
+        if differ:
+            key = differ[0]
+            raise PreprocessingMismatch(
+                f"column {name!r} of dataset {dataset.id} was preprocessed with {key}="
+                f"{stored.get(key)!r}, the run's training data ({trained_on}) with "
+                f"{trained.get(key)!r}: ingest it with the run's settings"
+            )
 
 
 def reusable(store: Store, made: Recipe, force: bool) -> LineageRecord | None:
