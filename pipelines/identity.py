@@ -23,15 +23,17 @@ import os
 import posixpath
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from modalities import registry
 from modalities.base import TOWER_FIELDS
-from pipelines.config import ChorusConfig, to_dict
 from storage import uris
 from storage.lineage import digest_of
+
+if TYPE_CHECKING:  # the decode actors import this module, and need no config
+    from pipelines.config import ChorusConfig
 
 MISSING, NOT_ALLOWED, UNREADABLE = "missing", "not-allowed", "unreadable"
 
@@ -57,6 +59,8 @@ class Identity:
 
 def data_settings(cfg: ChorusConfig) -> dict[str, Any]:
     """The settings that shape the stored data: not the towers, not the worker count."""
+    from pipelines.config import to_dict
+
     settings = to_dict(cfg)
     data = settings["data"] | {
         "columns": {
