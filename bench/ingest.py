@@ -25,8 +25,9 @@ the parent pid in ``/proc/*/stat``): with a local Ray, the driver, gcs_server, r
 agents and every worker. Reported: the peak of the summed ``VmRSS`` (pages shared by several
 processes count once per process), the peak of the object store's pages (blocks allocated to
 raylet's unlinked /dev/shm/plasma file, Ray's objects: blocks, metadata rows) and the driver's
-``VmHWM`` after a ``/proc/self/clear_refs`` reset. A sample costs ~3 ms of CPU (``Pss`` from
-``smaps_rollup`` would cost ~60 ms for a Ray tree, a quarter of a core at 5 Hz: left out).
+``VmHWM`` after a ``/proc/self/clear_refs`` reset; and the tree's minor page faults. A
+sample costs ~3 ms of CPU (``Pss`` from ``smaps_rollup`` would cost ~60 ms for a Ray tree, a
+quarter of a core at 5 Hz: left out).
 Timings swing on a shared machine: compare ratios within one run, and ``cpu_s`` (summed
 over the tree). Before each case the parent reads every file of its data folder once
 (untimed), so every case starts from a warm page cache whatever its place in the order.
@@ -101,7 +102,7 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.interval, self.stopped = root, interval, threading.Event()
         self.peak = {"rss": 0, "plasma": 0}
-        self.procs: dict[int, list] = {}  # pid -> [name, peak RSS kB, first CPU s, last CPU s]
+        self.procs: dict[int, list] = {}  # pid -> [name, peak RSS kB, CPU s, minor faults]
 
     def tree(self) -> dict[int, str]:
         """pid -> contents of /proc/<pid>/stat, for ``root`` and all its descendants."""
@@ -129,9 +130,11 @@ class TreeSampler(threading.Thread):
                 plasma += _plasma_kb(pid) if name == "raylet" else 0
             except OSError:
                 continue  # the process ended meanwhile
-            cpu = sum(map(int, stat.rsplit(")", 1)[1].split()[11:13])) / os.sysconf("SC_CLK_TCK")
-            entry = self.procs.setdefault(pid, [name, 0, cpu, cpu])
-            entry[:] = [name, max(entry[1], one), entry[2], cpu]
+            fields = stat.rsplit(")", 1)[1].split()
+            cpu = sum(map(int, fields[11:13])) / os.sysconf("SC_CLK_TCK")
+            faults = int(fields[7])  # minflt: pages first touched (or re-touched after unmap)
+            entry = self.procs.setdefault(pid, [name, 0, (cpu, cpu), (faults, faults)])
+            entry[:] = [name, max(entry[1], one), (entry[2][0], cpu), (entry[3][0], faults)]
             rss += one
         now = {"rss": rss, "plasma": plasma}
         self.peak = {key: max(value, now[key]) for key, value in self.peak.items()}
@@ -149,10 +152,11 @@ class TreeSampler(threading.Thread):
             "tree_peak_rss_mb": round(self.peak["rss"] / MB),
             "object_store_peak_mb": round(self.peak["plasma"] / MB, 1),
             "driver_peak_rss_mb": round(_kb(os.getpid(), "status", "VmHWM") / MB),
-            "cpu_s": round(sum(p[3] - p[2] for p in self.procs.values()), 1),
-            "processes": [  # name[pid], peak RSS MB, CPU s; biggest first
-                [f"{n}[{pid}]", round(kb / MB), round(last - first, 1)]
-                for pid, (n, kb, first, last) in procs
+            "cpu_s": round(sum(p[2][1] - p[2][0] for p in self.procs.values()), 1),
+            "minor_faults": sum(p[3][1] - p[3][0] for p in self.procs.values()),
+            "processes": [  # name[pid], peak RSS MB, CPU s, minor faults; biggest first
+                [f"{n}[{pid}]", round(kb / MB), round(cpu[1] - cpu[0], 1), flt[1] - flt[0]]
+                for pid, (n, kb, cpu, flt) in procs
             ],
         }
 
@@ -288,12 +292,14 @@ def summarise(runs: dict) -> dict:
 def table(summary: dict, runs: dict) -> str:
     lines = [
         "run         N  records/s  wall_s  cpu_s  cpu_ms/rec  tree_rss_MB  objstore_MB  driver_MB"
+        "  faults_k"
     ]
     for key, r in runs.items():
         lines.append(
             f"{key:<8}{r['size']:>6}{r['records_per_s']:>11.1f}{r['seconds']:>8.1f}"
             f"{r['cpu_s']:>7.1f}{r['cpu_ms_per_record']:>12.3f}{r['tree_peak_rss_mb']:>13}"
             f"{r['object_store_peak_mb']:>13.1f}{r['driver_peak_rss_mb']:>11}"
+            f"{r['minor_faults'] / 1000:>10.0f}"
         )
     for key in ("loop_n", "ray_n"):
         cost = runs[key]["cost_s_per_1k"]
