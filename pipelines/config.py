@@ -159,10 +159,12 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(
         2, ge=1, description="Checkpoints kept: the best by `keep_by`, plus always the latest."
     )
-    keep_by: Literal["latest", "val_loss"] = Field(
+    keep_by: Literal["latest", "val_loss", "val_accuracy"] = Field(
         "val_loss",
-        description="Rank checkpoints by recency or by loss on the 'val' split (computed at "
-        "each checkpoint); evaluation uses the best one.",
+        description="Rank checkpoints by recency, by loss on the 'val' split, or by the "
+        "headline task's class accuracy on it (evaluate.target given evaluate.query, left-out "
+        "modalities at their mean; needs a label column), computed at each checkpoint; "
+        "evaluation uses the best one.",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast dtype of the forward pass (fp16 needs a GPU)."

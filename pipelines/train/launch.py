@@ -86,17 +86,28 @@ def _check_sizes(dataset: DatasetVersion, train: TrainConfig) -> None:
             f"train.num_workers={train.num_workers}"
         )
     val_rows = dataset.split_size(VAL)
-    if train.keep_by == "val_loss" and val_rows == 0:
+    if train.keep_by == "latest":
+        return
+    if val_rows == 0:
         raise SplitTooSmall(
             f"train.val_fraction=0 holds out nothing and {dataset.id} has no 'val' split, "
-            "but train.keep_by=val_loss needs validation rows: raise train.val_fraction "
-            "or set train.keep_by=latest"
+            f"but train.keep_by={train.keep_by} needs validation rows: raise "
+            "train.val_fraction or set train.keep_by=latest"
         )
-    if train.keep_by == "val_loss" and val_rows < 2 * workers:
+    if val_rows < 2 * workers:
         raise SplitTooSmall(
-            f"train.keep_by=val_loss needs a 'val' split of at least {2 * workers} rows; "
-            f"{dataset.id} has {val_rows} (set train.keep_by=latest)"
+            f"train.keep_by={train.keep_by} needs a 'val' split of at least {2 * workers} "
+            f"rows; {dataset.id} has {val_rows} (set train.keep_by=latest)"
         )
+    if train.keep_by == "val_accuracy" and not _has_label(dataset):
+        raise TrainingSetupError(
+            f"train.keep_by=val_accuracy needs a label column; {dataset.id} has none "
+            "(set train.keep_by=val_loss)"
+        )
+
+
+def _has_label(dataset: DatasetVersion) -> bool:
+    return any(field["name"] == "label" for field in dataset.manifest.get("schema", []))
 
 
 def run_config_for(
@@ -113,6 +124,12 @@ def run_config_for(
     settings = to_dict(cfg)
     towers = (settings.get("data") or {}).get("columns") or {}
     val_rows = dataset.split_size(VAL)
+    extra = {}
+    if cfg.train.keep_by == "val_accuracy":
+        from pipelines.train.evaluate import headline_task  # the task evaluation reports
+
+        target, query = headline_task(cfg.evaluate, list(dataset.columns))
+        extra["validation_task"] = {"target": target, "query": query}
     return {
         "dataset_id": dataset.id,
         "columns": {
@@ -126,6 +143,7 @@ def run_config_for(
         "steps_per_epoch": dataset.split_size(TRAIN) // cfg.train.batch_size,
         "val_rows": val_rows,
         "validation": dataset.split_record(VAL) if val_rows else None,
+        **extra,
     }
 
 
@@ -193,9 +211,9 @@ def _train_and_publish(
         note(holdout_note(dataset))
     working = working_folder(store, made)
     with lease.held(working, what="a training of the same recipe") as held:
-        by_val = cfg.train.keep_by == "val_loss"
+        by_val = cfg.train.keep_by != "latest"
         result = _fit(dataset, cfg, config, working)
-        best = fs.to_uri(store.root, _best(result, by_val).path)
+        best = fs.to_uri(store.root, _best(result, cfg.train.keep_by).path)
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
         if by_val:
             metrics["best_step"] = fs.read_json(uris.join(best, STATE_FILE))["step"]
@@ -238,10 +256,11 @@ def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], wor
     datasets = {"train": dataset.read(TRAIN, model_columns)}
     if cfg.train.cache_dataset:  # read the shards once, not once per epoch
         datasets["train"] = datasets["train"].materialize()
-    if cfg.train.keep_by == "val_loss":
-        datasets["val"] = dataset.read(VAL, model_columns).materialize()
+    if cfg.train.keep_by != "latest":
+        labels = ["label"] if cfg.train.keep_by == "val_accuracy" else []
+        datasets["val"] = dataset.read(VAL, model_columns + labels).materialize()
     storage_fs, storage_path = fs.filesystem(uris.parent(working))
-    by_val = cfg.train.keep_by == "val_loss"
+    score = SCORES.get(cfg.train.keep_by)
     progress = TrainingProgress(total_steps(config))
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, progress=progress.sink),
@@ -257,8 +276,8 @@ def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], wor
             storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute="val_loss" if by_val else None,
-                checkpoint_score_order="min",
+                checkpoint_score_attribute=score[0] if score else None,
+                checkpoint_score_order=score[1] if score else "min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress bar
@@ -268,12 +287,26 @@ def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], wor
     return progress.run(trainer.fit)
 
 
-def _best(result, by_val: bool):
-    """The checkpoint with the lowest val_loss among those kept (else the latest)."""
-    scored = [(m["val_loss"], c) for c, m in result.best_checkpoints or [] if "val_loss" in m]
-    if not by_val or not scored:
-        return result.checkpoint
-    return min(scored, key=lambda pair: pair[0])[1]
+# train.keep_by -> (the checkpoint metric, which end is best); "latest" ranks by recency
+SCORES = {"val_loss": ("val_loss", "min"), "val_accuracy": ("val_accuracy", "max")}
+
+
+def _best(result, keep_by: str):
+    """The checkpoint of Ray Train's ``result`` that evaluation uses (see :func:`best_of`)."""
+    return best_of(result.best_checkpoints or [], result.checkpoint, keep_by)
+
+
+def best_of(kept: list[tuple[Any, dict[str, Any]]], latest: Any, keep_by: str) -> Any:
+    """The best of the ``kept`` (checkpoint, metrics) pairs by ``keep_by``'s metric, ties
+    to the later step; ``latest`` for ``keep_by=latest`` or when none was scored."""
+    if keep_by not in SCORES:
+        return latest
+    key, order = SCORES[keep_by]
+    scored = [(m[key], m.get("step", 0), c) for c, m in kept if key in m]
+    if not scored:
+        return latest
+    sign = 1 if order == "max" else -1
+    return max(scored, key=lambda t: (sign * t[0], t[1]))[2]
 
 
 def _use_gpu(device: str) -> bool:

@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict[str, Any], progress: Any = None) -> None:
                 waited, in_window, window = 0.0, 0, time.perf_counter()
             if state["step"] % train["checkpoint_every"] == 0 or state["step"] == total:
                 started = time.perf_counter()
-                val = _validation_loss(model, objective, precision, config, device, world)
+                val = _validation(model, objective, precision, config, device, world)
                 _checkpoint(model, stateful, state, config, history, val)
                 _reseed(train["seed"], rank, state["step"])  # a resumed run draws the same
                 window += time.perf_counter() - started  # step times exclude checkpointing
@@ -178,15 +178,24 @@ def _reseed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
+def _validation(model, objective, precision, config, device, world) -> dict[str, float]:
+    """What ``train.keep_by`` ranks checkpoints by, on the 'val' shard ({} for ``latest``)."""
+    keep_by = config["train"]["keep_by"]
+    if keep_by == "val_loss":
+        loss = _validation_loss(model, objective, precision, config, device, world)
+        return {} if loss is None else {"val_loss": loss}
+    if keep_by == "val_accuracy":
+        return {"val_accuracy": _validation_accuracy(model, objective, config, device, world)}
+    return {}
+
+
 @torch.no_grad()
 def _validation_loss(model, objective, precision, config, device, world) -> float | None:
-    """Mean objective loss over the 'val' shard (None when checkpoints are kept by recency)."""
+    """Mean objective loss over the 'val' shard."""
     import ray.train
 
     from pipelines.train.distributed import all_reduce_sum
 
-    if config["train"]["keep_by"] != "val_loss":
-        return None
     local_batch = min(config["train"]["batch_size"], config["val_rows"]) // world
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
@@ -198,6 +207,65 @@ def _validation_loss(model, objective, precision, config, device, world) -> floa
     loss_sum, rows = all_reduce_sum(total).tolist()
     model.train()
     return loss_sum / rows if rows else None
+
+
+@torch.no_grad()
+def validation_accuracy(model, objective, batches, task: dict[str, Any]) -> tuple[float, int]:
+    """Class accuracy of ``task`` (``target`` given ``query``) over the rows of ``batches``
+    (numpy dicts with the model's columns and ``label``), scored as ``chorus evaluate``
+    scores it: the modalities left out at their mean embedding over these rows, the top
+    candidate among these rows right if it has the query's label. Returns (accuracy, rows
+    ranked): the class-level quantity evaluation reports, where the val loss is instance
+    level (with blank training cells it bottoms early while class accuracy still rises)."""
+    from pipelines.train.evaluate import Embedded, evaluate_task, modality_means
+
+    inner = unwrap(model)
+    parameter = next(inner.parameters())
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in inner.towers}
+    present: dict[str, list[np.ndarray]] = {name: [] for name in inner.towers}
+    labels = []
+    for batch in batches:
+        tensors = {
+            key: torch.as_tensor(values).to(parameter.device)
+            for key, values in batch.items()
+            if values.dtype.kind not in "OUS"
+        }
+        for name, out in model(tensors)["features"].items():
+            features[name].append(out.float().cpu())
+            present[name].append(np.asarray(batch[f"{name}_present"]).astype(bool))
+        labels.append(np.asarray(batch["label"]))
+    if not labels:
+        return 0.0, 0
+    split = Embedded(
+        {name: torch.cat(parts) for name, parts in features.items()},
+        {name: np.concatenate(parts) for name, parts in present.items()},
+        np.concatenate(labels),
+    )
+    scale = inner.logit_scale.detach().float().exp().cpu()
+
+    def score(queries, candidates):
+        return objective.score(queries, candidates, scale)
+
+    fill = modality_means(split)
+    entry = evaluate_task(split, task["target"], task["query"], score, bootstrap=0, fill=fill)
+    return float(entry.get("class_accuracy", 0.0)), int(entry["rows"])
+
+
+def _validation_accuracy(model, objective, config, device, world) -> float:
+    """:func:`validation_accuracy` of each rank's 'val' shard, averaged over the rows ranked."""
+    import ray.train
+
+    from pipelines.train.distributed import all_reduce_sum
+
+    model.eval()
+    batches = ray.train.get_dataset_shard("val").iter_batches(
+        batch_size=config["train"]["batch_size"], batch_format="numpy"
+    )
+    accuracy, rows = validation_accuracy(model, objective, batches, config["validation_task"])
+    model.train()
+    total = all_reduce_sum(torch.tensor([accuracy * rows, rows], dtype=torch.float64))
+    correct, ranked = total.tolist()
+    return correct / ranked if ranked else 0.0
 
 
 def _metrics(state, terms, grad_norm, optimizer, timing, train, world) -> dict[str, Any]:
@@ -222,9 +290,7 @@ def _metrics(state, terms, grad_norm, optimizer, timing, train, world) -> dict[s
 def _checkpoint(model, stateful, state, config, history, val) -> None:
     import ray.train
 
-    metrics = {**(history[-1] if history else {}), **state}
-    if val is not None:
-        metrics["val_loss"] = val
+    metrics = {**(history[-1] if history else {}), **state, **val}
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
