@@ -159,12 +159,13 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(
         2, ge=1, description="Checkpoints kept: the best by `keep_by`, plus always the latest."
     )
-    keep_by: Literal["latest", "val_loss", "val_accuracy"] = Field(
-        "val_loss",
+    keep_by: Literal["auto", "latest", "val_loss", "val_accuracy"] = Field(
+        "auto",
         description="Rank checkpoints by recency, by loss on the 'val' split, or by the "
         "headline task's class accuracy on it (evaluate.target given evaluate.query, left-out "
         "modalities at their mean; needs a label column), computed at each checkpoint; "
-        "evaluation uses the best one.",
+        "evaluation uses the best one. 'auto': val_accuracy on a dataset with a label "
+        "column, else val_loss.",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast dtype of the forward pass (fp16 needs a GPU)."
@@ -221,7 +222,7 @@ class EvalConfig(_Section):
 
 
 class DemoConfig(_Section):
-    size: int = Field(1500, ge=50, description="Records generated for the demo.")
+    size: int = Field(3000, ge=50, description="Records generated for the demo.")
     seed: int = Field(0, description="Seed of the demo data.")
     objectives: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"symile": {}, "clip": {}},

@@ -185,11 +185,10 @@ class DatasetVersion:
             dataset = dataset.filter(expr=rows)
         return dataset if columns is None else dataset.select_columns(columns)
 
-    def to_numpy(self, split: str, columns: list[str]) -> dict[str, np.ndarray]:
-        """A (small) split fully in memory, e.g. for evaluation; rows sorted by id.
-
-        Read with pyarrow in this process: no Ray cluster is started (importing ray.data
-        only registers the tensor types the shards are stored with).
+    def table(self, split: str, columns: list[str]) -> pa.Table:
+        """The rows of ``split`` (a small one) with ``columns``, in stored order, as
+        :meth:`read` gives them but read with pyarrow in this process: no Ray cluster is
+        used (importing ray.data only registers the tensor types the shards are stored with).
         """
         import ray.data  # noqa: F401
 
@@ -199,10 +198,19 @@ class DatasetVersion:
             held = pc.field("id").isin(sorted(ids))
             rows = rows & (held if keep else ~held)
         filesystem, _ = fs.filesystem(self.uri)
-        wanted = list(dict.fromkeys(["id", *columns]))
-        table = pq.read_table(
-            self.shard_paths(), columns=wanted, filters=rows, filesystem=filesystem
+        return pq.read_table(
+            self.shard_paths(), columns=columns, filters=rows, filesystem=filesystem
         )
+
+    def stored_bytes(self) -> int:
+        """The size of this version's shards (those of its base too, for an incremental one)."""
+        return sum(int(shard["bytes"]) for shard in self.manifest["shards"])
+
+    def to_numpy(self, split: str, columns: list[str]) -> dict[str, np.ndarray]:
+        """A (small) split fully in memory, e.g. for evaluation; rows sorted by id (read as
+        :meth:`table` reads it)."""
+        wanted = list(dict.fromkeys(["id", *columns]))
+        table = self.table(split, wanted)
         if table.num_rows == 0:
             raise ValueError(f"split {split!r} of dataset {self.id} is empty")
         table = table.sort_by("id")

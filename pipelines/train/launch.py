@@ -11,6 +11,7 @@ is then published as one artefact, ``runs/<run-id>/`` with the selected checkpoi
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from modalities.base import with_tower_settings
@@ -31,6 +32,9 @@ from storage.artefacts import Recipe, Store
 from storage.errors import UserError
 from storage.lineage import LineageRecord
 from storage.lineage_events import folder, lineage_run, published_dataset
+
+# Ray Train's interval between the controller's polls of the workers (s); see _fit.
+HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 # Train settings that change how fast a run trains, not what it learns; and the config's
 # default objective, which the run's own ``objective`` and ``objective_options`` supersede.
@@ -71,8 +75,17 @@ def holdout_note(dataset: DatasetVersion) -> str:
     )
 
 
-def _check_sizes(dataset: DatasetVersion, train: TrainConfig) -> None:
-    """Fail before any work when the splits cannot feed the configured run."""
+def keep_by_for(dataset: DatasetVersion, keep_by: str) -> str:
+    """``train.keep_by`` on this dataset: ``auto`` is ``val_accuracy`` where the dataset has
+    a label column (the class accuracy evaluation reports), ``val_loss`` where it has none."""
+    if keep_by != "auto":
+        return keep_by
+    return "val_accuracy" if _has_label(dataset) else "val_loss"
+
+
+def _check_sizes(dataset: DatasetVersion, train: TrainConfig, keep_by: str) -> None:
+    """Fail before any work when the splits cannot feed the configured run (``keep_by``:
+    ``train.keep_by`` on this dataset, see :func:`keep_by_for`)."""
     rows, workers = dataset.split_size(TRAIN), max(1, train.num_workers)
     if train.batch_size > rows:
         held = f" ({dataset.holdout.rows} more held out as 'val')" if dataset.holdout else ""
@@ -86,23 +99,24 @@ def _check_sizes(dataset: DatasetVersion, train: TrainConfig) -> None:
             f"train.num_workers={train.num_workers}"
         )
     val_rows = dataset.split_size(VAL)
-    if train.keep_by == "latest":
+    if keep_by == "latest":
         return
+    setting = keep_by if train.keep_by == keep_by else f"{train.keep_by} ({keep_by} here)"
     if val_rows == 0:
         raise SplitTooSmall(
             f"train.val_fraction=0 holds out nothing and {dataset.id} has no 'val' split, "
-            f"but train.keep_by={train.keep_by} needs validation rows: raise "
+            f"but train.keep_by={setting} needs validation rows: raise "
             "train.val_fraction or set train.keep_by=latest"
         )
     if val_rows < 2 * workers:
         raise SplitTooSmall(
-            f"train.keep_by={train.keep_by} needs a 'val' split of at least {2 * workers} "
+            f"train.keep_by={setting} needs a 'val' split of at least {2 * workers} "
             f"rows; {dataset.id} has {val_rows} (set train.keep_by=latest)"
         )
-    if train.keep_by == "val_accuracy" and not _has_label(dataset):
+    if keep_by == "val_accuracy" and not _has_label(dataset):
         raise TrainingSetupError(
             f"train.keep_by=val_accuracy needs a label column; {dataset.id} has none "
-            "(set train.keep_by=val_loss)"
+            "(set train.keep_by=auto or val_loss)"
         )
 
 
@@ -117,15 +131,18 @@ def run_config_for(
 
     Columns are the dataset's (what its shards hold) with the tower settings of ``cfg``, so
     one dataset version trains with any encoder and the config need not name its columns.
-    ``validation`` says where the 'val' rows come from (a stored split or a holdout).
+    ``validation`` says where the 'val' rows come from (a stored split or a holdout), and
+    ``train.keep_by`` is what ranks this run's checkpoints (``auto`` resolved).
     """
-    _check_sizes(dataset, cfg.train)
+    keep_by = keep_by_for(dataset, cfg.train.keep_by)
+    _check_sizes(dataset, cfg.train, keep_by)
     cfg.check_against_columns(set(dataset.columns))
     settings = to_dict(cfg)
+    settings["train"]["keep_by"] = keep_by
     towers = (settings.get("data") or {}).get("columns") or {}
     val_rows = dataset.split_size(VAL)
     extra = {}
-    if cfg.train.keep_by == "val_accuracy":
+    if keep_by == "val_accuracy":
         from pipelines.train.evaluate import headline_task  # the task evaluation reports
 
         target, query = headline_task(cfg.evaluate, list(dataset.columns))
@@ -210,12 +227,12 @@ def _train_and_publish(
     if dataset.holdout:
         note(holdout_note(dataset))
     working = working_folder(store, made)
+    keep_by = config["train"]["keep_by"]  # auto resolved (run_config_for)
     with lease.held(working, what="a training of the same recipe") as held:
-        by_val = cfg.train.keep_by != "latest"
         result = _fit(dataset, cfg, config, working)
-        best = fs.to_uri(store.root, _best(result, cfg.train.keep_by).path)
+        best = fs.to_uri(store.root, _best(result, keep_by).path)
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-        if by_val:
+        if keep_by != "latest":
             metrics["best_step"] = fs.read_json(uris.join(best, STATE_FILE))["step"]
         held.check()  # the working folder is still this run's alone
         staging = store.begin()
@@ -245,6 +262,10 @@ def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], wor
     from pipelines.train.progress import TrainingProgress
 
     ensure_ray()
+    # Ray Train's controller hears of the loop's end at its polls of the workers (every 2 s
+    # by default): the training function's return took ~4 s to reach fit() (two polls,
+    # BENCHMARKS "Demo"). A poll is one small actor call; an exported setting wins.
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
     use_gpu = _use_gpu(cfg.train.device)
     if cfg.train.precision == "fp16" and not use_gpu:
         raise TrainingSetupError("train.precision=fp16 needs a GPU; use bf16 on CPUs")
@@ -253,14 +274,13 @@ def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], wor
     # The driver draws one training bar; Ray Data's bars would repeat at every epoch.
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # shard order in, same run out
-    datasets = {"train": dataset.read(TRAIN, model_columns)}
-    if cfg.train.cache_dataset:  # read the shards once, not once per epoch
-        datasets["train"] = datasets["train"].materialize()
-    if cfg.train.keep_by != "latest":
-        labels = ["label"] if cfg.train.keep_by == "val_accuracy" else []
-        datasets["val"] = dataset.read(VAL, model_columns + labels).materialize()
+    keep_by = config["train"]["keep_by"]  # auto resolved (run_config_for)
+    datasets = {"train": _split(dataset, TRAIN, model_columns, cfg.train.cache_dataset)}
+    if keep_by != "latest":
+        labels = ["label"] if keep_by == "val_accuracy" else []
+        datasets["val"] = _split(dataset, VAL, model_columns + labels, cache=True)
     storage_fs, storage_path = fs.filesystem(uris.parent(working))
-    score = SCORES.get(cfg.train.keep_by)
+    score = SCORES.get(keep_by)
     progress = TrainingProgress(total_steps(config))
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, progress=progress.sink),
@@ -283,8 +303,32 @@ def _fit(dataset: DatasetVersion, cfg: ChorusConfig, config: dict[str, Any], wor
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress bar
         ),
         datasets=datasets,
+        # One worker reads each split whole: no split coordinator (an actor per dataset,
+        # asked for the blocks of every epoch) to start. Several workers split them.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split="all" if cfg.train.num_workers > 1 else []
+        ),
     )
     return progress.run(trainer.fit)
+
+
+# Shards up to this size are read in the driver: Ray Data's read tasks cost seconds even
+# for a small dataset (BENCHMARKS "Demo": ~7 s for the demo's train and val splits, 22 MB of
+# shards, on 2 cores, against ~2 s read here).
+IN_PROCESS_BYTES = 256 * 1024**2
+
+
+def _split(dataset: DatasetVersion, split: str, columns: list[str], cache: bool):
+    """The Ray Dataset training reads ``split`` from: with ``cache``, its rows in the object
+    store once (not read again at every epoch); read in the driver when the dataset is small,
+    by Ray Data's read tasks otherwise. Either way the rows come in stored order."""
+    import ray.data
+
+    if not cache:
+        return dataset.read(split, columns)
+    if dataset.stored_bytes() <= IN_PROCESS_BYTES:
+        return ray.data.from_arrow(dataset.table(split, columns))
+    return dataset.read(split, columns).materialize()
 
 
 # train.keep_by -> (the checkpoint metric, which end is best); "latest" ranks by recency

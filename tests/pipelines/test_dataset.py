@@ -56,7 +56,13 @@ def _version(store: Path, dataset_id: str = "ds-hand") -> DatasetVersion:
             "by_kind": {"missing_file": 2, "unsupported_format": 1},
             "files": [{"path": "quarantine/part-0.parquet", "rows": 3}],
         },
-        "shards": [{"path": "shards/part-0.parquet", "rows": len(ids)}],
+        "shards": [
+            {
+                "path": "shards/part-0.parquet",
+                "rows": len(ids),
+                "bytes": (folder / "shards" / "part-0.parquet").stat().st_size,
+            }
+        ],
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return DatasetVersion.open(Store.open(str(store)), dataset_id)
@@ -101,6 +107,24 @@ def test_the_held_out_rows_are_read_as_val_and_left_out_of_train(ray_session, tm
     assert set(val["id"]) == held.holdout.ids
     assert set(train["id"]) == set(TRAIN_IDS) - held.holdout.ids
     assert held.read("test", ["x"]).count() == len(TEST_IDS)
+
+
+@pytest.mark.parametrize("in_process_bytes", [0, None])
+def test_training_reads_a_split_in_process_as_ray_data_reads_it(
+    ray_session, tmp_path, monkeypatch, in_process_bytes
+):
+    """The rows training caches (read in the driver when the dataset is small, by Ray Data
+    otherwise) are the split's, in stored order, either way."""
+    from pipelines.train import launch
+
+    if in_process_bytes is not None:
+        monkeypatch.setattr(launch, "IN_PROCESS_BYTES", in_process_bytes)
+    held = _version(tmp_path).holding_out(0.05, 8)
+    for split in ("train", "val", "test"):
+        rows = held.read(split, ["id", "x"]).take_all()
+        assert held.table(split, ["id", "x"]).to_pylist() == rows
+        assert launch._split(held, split, ["id", "x"], cache=True).take_all() == rows
+    assert [row["id"] for row in rows] == TEST_IDS
 
 
 def test_quarantine_lists_the_bad_records_of_a_kind(tmp_path):

@@ -7,14 +7,23 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipelines.config import ConfigError, load
+from pipelines.dataset import DatasetVersion
 from pipelines.train.checkpoint import STATE_FILE, build_model
-from pipelines.train.launch import best_of
+from pipelines.train.launch import (
+    TrainingSetupError,
+    best_of,
+    run_config_for,
+    training_view,
+)
 from pipelines.train.loop import validation_accuracy
 from pipelines.train.objectives import get_objective
+from storage.artefacts import Store
 
 COLUMNS = {
     "image": {"kind": "image", "size": 16},
@@ -88,9 +97,60 @@ def test_best_of_ranks_by_the_keep_by_metric():
 
 
 def test_keep_by_is_checked_by_the_config():
+    assert load("debug", None, []).train.keep_by == "auto"
     assert load("debug", None, ["train.keep_by=val_accuracy"]).train.keep_by == "val_accuracy"
     with pytest.raises(ConfigError):
         load("debug", None, ["train.keep_by=val_acc"])
+
+
+def _unlabelled(folder: Path) -> DatasetVersion:
+    """A dataset version without a label column (ids and splits only), laid out as ingest
+    writes one: its manifest's schema has no 'label' field."""
+    shards = folder / "datasets" / "ds-nolabel" / "shards"
+    shards.mkdir(parents=True)
+    splits = {"train": 100, "val": 20, "test": 20}
+    names = [name for name, rows in splits.items() for _ in range(rows)]
+    table = pa.table({"id": [f"r{i:04d}" for i in range(len(names))], "split": names})
+    pq.write_table(table, shards / "part-0.parquet")
+    manifest = {
+        "splits": splits,
+        "columns": {name: {"kind": name} for name in ("image", "audio", "text")},
+        "schema": [{"name": "id"}, {"name": "split"}],
+        "shards": [{"path": "shards/part-0.parquet"}],
+    }
+    (shards.parent / "manifest.json").write_text(json.dumps(manifest))
+    return DatasetVersion.open(Store.open(str(folder)), "ds-nolabel")
+
+
+def test_auto_keep_by_falls_back_to_val_loss_without_a_label_column(tmp_path):
+    dataset = _unlabelled(tmp_path)
+    cfg = load("debug", None, [f"store={tmp_path}"])
+    config = run_config_for(training_view(dataset, cfg.train), cfg, "clip", {})
+    assert config["train"]["keep_by"] == "val_loss" and "validation_task" not in config
+    explicit = load("debug", None, [f"store={tmp_path}", "train.keep_by=val_accuracy"])
+    with pytest.raises(TrainingSetupError, match="needs a label column; ds-nolabel has none"):
+        run_config_for(training_view(dataset, explicit.train), explicit, "clip", {})
+
+
+def test_val_accuracy_without_a_label_column_fails_in_one_line_before_any_work(chorus, tmp_path):
+    store = tmp_path / "store"
+    _unlabelled(store)
+    before = sorted(store.rglob("*"))
+    options = ["--preset", "debug", "--store", str(store), "--set", "train.keep_by=val_accuracy"]
+    out = chorus("train", "ds-nolabel", *options, cwd=tmp_path)
+    assert out.returncode == 2 and [line for line in out.stderr.splitlines() if line] == [
+        "error: train.keep_by=val_accuracy needs a label column; ds-nolabel has none "
+        "(set train.keep_by=auto or val_loss)"
+    ]
+    assert sorted(store.rglob("*")) == before  # no staging folder, run or lineage record
+
+
+def test_auto_keep_by_is_val_accuracy_on_a_labelled_dataset(ingested):
+    cfg, manifest = ingested
+    dataset = training_view(DatasetVersion.open(Store.open(cfg.store), manifest["id"]), cfg.train)
+    config = run_config_for(dataset, cfg, "symile", {})
+    assert config["train"]["keep_by"] == "val_accuracy"
+    assert config["validation_task"] == {"target": "image", "query": ["text", "audio"]}
 
 
 @pytest.mark.slow

@@ -103,6 +103,7 @@ def test_bf16_autocast_and_best_checkpoint_by_val_loss(one_batch_dataset):
             "train.epochs=3",
             "train.checkpoint_every=2",
             "train.keep_checkpoints=1",
+            "train.keep_by=val_loss",
             "train.num_workers=1",
         ],
     )
